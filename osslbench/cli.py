@@ -1,0 +1,197 @@
+"""The ``osslbench`` command: run, list, show, splits, leaderboard, plot."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from .config import parse_overrides
+from .errors import OsslbenchError
+
+DEFAULT_PROTOCOL = "digits-openset"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit status 2 (argparse prints usage too)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _common(p: argparse.ArgumentParser, protocol_required: bool = False) -> None:
+    p.add_argument("--protocol", default=None if protocol_required else DEFAULT_PROTOCOL, required=protocol_required,
+                   help=f"protocol name or .toml path (default: {DEFAULT_PROTOCOL})")
+    p.add_argument("--scale", default=None, help="named scale: full (the paper), mini (2 CPU cores), smoke (tests)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any protocol or method key, e.g. train.epochs=3 or method.srd.beta=2")
+
+
+def _data_root(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-root", type=Path, default=Path(os.environ.get("OSSLBENCH_DATA", "data")),
+                   help="folder with the datasets (default: $OSSLBENCH_DATA or ./data)")
+    p.add_argument("--download", action="store_true", help="download missing datasets (needs internet)")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog="osslbench", description="Open-set semi-supervised learning and distillation benchmark")
+    sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser("run", help="run protocol x methods x seeds and print the leaderboard")
+    _common(run)
+    _data_root(run)
+    run.add_argument("--methods", default=None, help="comma-separated names or 'all' (default: the protocol's list)")
+    run.add_argument("--seeds", default=None, help="comma-separated seeds (default: the protocol's)")
+    run.add_argument("--out", type=Path, default=Path("results"), help="output folder (default: ./results)")
+    run.add_argument("--teacher", default=None, help="teacher checkpoint (RepDistiller format); default: train one")
+    run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    run.add_argument("--jobs", type=int, default=1, help="runs in parallel on this machine (joblib)")
+    run.add_argument("--cluster", default=None, help="Dask scheduler address: run on that cluster")
+    run.add_argument("--overwrite", action="store_true", help="discard results of another config in --out")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    ls = sub.add_parser("list", help="list protocols, methods, models or sources")
+    ls.add_argument("what", choices=["protocols", "methods", "models", "sources"])
+
+    show = sub.add_parser("show", help="print the fully resolved protocol as JSON")
+    show.add_argument("name")
+    show.add_argument("--scale", default=None)
+    show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    sp = sub.add_parser("splits", help="print the size and classes of every split as JSON")
+    _common(sp, protocol_required=True)
+    _data_root(sp)
+    sp.add_argument("--seed", type=int, default=0)
+
+    lb = sub.add_parser("leaderboard", help="aggregate result.json files into leaderboard CSV / Markdown")
+    lb.add_argument("--out", type=Path, default=Path("results"))
+    lb.add_argument("--protocol", default=None)
+    lb.add_argument("--markdown", action="store_true", help="print Markdown instead of CSV")
+
+    pl = sub.add_parser("plot", help="plot leaderboards and training curves into <out>/<protocol>/")
+    pl.add_argument("--out", type=Path, default=Path("results"))
+    pl.add_argument("--protocol", default=None)
+    return ap
+
+
+def _seeds(text: str | None, default: list[int]) -> list[int]:
+    if text is None:
+        return default
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise OsslbenchError(f"--seeds {text!r}: expected comma-separated integers") from None
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from .protocol import load_protocol
+    from .registry import resolve_method_names
+    from .results import markdown, write_leaderboard
+    from .runner import RunOptions, run_grid
+
+    protocol = load_protocol(args.protocol, args.scale, parse_overrides(args.overrides))
+    methods = resolve_method_names(args.methods, protocol)
+    seeds = _seeds(args.seeds, protocol.seeds)
+    if args.jobs < 1:
+        raise OsslbenchError("--jobs must be >= 1")
+    opts = RunOptions(data_root=args.data_root, out=args.out, teacher=args.teacher, device=args.device,
+                      jobs=args.jobs, cluster=args.cluster, download=args.download, overwrite=args.overwrite,
+                      progress=not args.quiet)
+    t0 = time.perf_counter()
+    print(f"osslbench: {protocol.name} [{protocol.scale}] methods={','.join(methods)} seeds={seeds} -> {args.out}",
+          file=sys.stderr)
+    run_grid(protocol, methods, seeds, opts)
+    table = write_leaderboard(args.out, protocol.name)
+    print(markdown(table[table["scale"] == protocol.scale]))
+    print(f"osslbench: done in {time.perf_counter() - t0:.0f} s; {args.out / protocol.name / 'leaderboard.csv'}",
+          file=sys.stderr)
+
+
+def cmd_list(args: argparse.Namespace) -> None:
+    if args.what == "protocols":
+        from .protocol import protocol_files, read_tree
+
+        items = {name: read_tree(path).get("description", "") for name, path in protocol_files().items()}
+    elif args.what == "methods":
+        from .registry import methods
+
+        items = {name: cls.description for name, cls in methods().items()}
+    elif args.what == "models":
+        from .models import describe_models
+
+        items = describe_models()
+    else:
+        from .sources import describe_sources
+
+        items = describe_sources()
+    width = max(map(len, items), default=0)
+    for name, text in items.items():
+        print(f"{name:<{width}}  {text}")
+
+
+def cmd_show(args: argparse.Namespace) -> None:
+    from .config import as_tree
+    from .protocol import load_protocol
+    from .registry import get_method, method_config
+
+    protocol = load_protocol(args.name, args.scale, parse_overrides(args.overrides))
+    tree = as_tree(protocol)
+    tree["method"] = {}
+    for name in protocol.methods:
+        cfg, optim = method_config(get_method(name), protocol)
+        tree["method"][name] = {**as_tree(cfg), "optim": as_tree(optim)}
+    print(json.dumps(tree, indent=2))
+
+
+def cmd_splits(args: argparse.Namespace) -> None:
+    from .data.dataset import make_splits
+    from .protocol import load_protocol
+
+    protocol = load_protocol(args.protocol, args.scale, parse_overrides(args.overrides))
+    splits = make_splits(protocol, args.seed, args.data_root, args.download)
+    print(json.dumps({"protocol": protocol.name, "scale": protocol.scale, "seed": args.seed, **splits.summary()},
+                     indent=2))
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> None:
+    from .results import collect, leaderboard, markdown, write_leaderboard
+
+    if not args.out.is_dir():
+        raise OsslbenchError(f"no results folder {args.out}")
+    protocols = [args.protocol] if args.protocol else sorted({p for p in collect(args.out)["protocol"]}) \
+        if not collect(args.out).empty else []
+    tables = [write_leaderboard(args.out, p) for p in protocols]
+    table = leaderboard(collect(args.out, args.protocol)) if tables else None
+    if table is None or table.empty:
+        raise OsslbenchError(f"no results under {args.out}" + (f" for protocol {args.protocol}" if args.protocol else ""))
+    print(markdown(table) if args.markdown else table.to_csv(index=False), end="")
+
+
+def cmd_plot(args: argparse.Namespace) -> None:
+    from .plots import plot_all
+
+    for path in plot_all(args.out, args.protocol):
+        print(path)
+
+
+COMMANDS = {"run": cmd_run, "list": cmd_list, "show": cmd_show, "splits": cmd_splits,
+            "leaderboard": cmd_leaderboard, "plot": cmd_plot}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except OsslbenchError as exc:
+        print(f"osslbench: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("osslbench: interrupted; run the same command again to resume from the last checkpoint",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

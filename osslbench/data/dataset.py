@@ -1,0 +1,81 @@
+"""A run's images: the split index sets materialised as uint8 tensors, labels remapped to 0..S-1."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..protocol import Protocol
+from ..sources import load_split
+from .splits import Splits, build_splits
+
+
+@dataclass
+class RunData:
+    """Everything the Trainer reads: uint8 ``N x C x H x W`` images and int64 labels.
+
+    ``unlabelled_unseen`` marks which unlabelled images come from unseen classes (for analysis only;
+    methods never see it).
+    """
+
+    labelled_x: Tensor
+    labelled_y: Tensor
+    unlabelled_x: Tensor
+    unlabelled_unseen: Tensor
+    test_x: Tensor
+    test_y: Tensor
+    outlier_x: Tensor
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    crop_padding: int
+    flip: bool
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.labelled_x.shape[1])
+
+
+def labels_fn(protocol: Protocol, root: str | Path, download: bool = False):
+    """``spec -> (labels, classes)`` for :func:`build_splits`, reading through the source cache."""
+
+    def labels_of(spec: str) -> tuple[np.ndarray, tuple[str, ...]]:
+        images = load_split(spec, root, protocol.data.image_size, download)
+        return images.labels.numpy(), images.classes
+
+    return labels_of
+
+
+def make_splits(protocol: Protocol, seed: int, root: str | Path, download: bool = False) -> Splits:
+    """The protocol's index sets for ``seed``."""
+    return build_splits(protocol, seed, labels_fn(protocol, root, download))
+
+
+def load_run_data(protocol: Protocol, splits: Splits, root: str | Path, download: bool = False) -> RunData:
+    """Gather the images of every split (decoded once per process by the source cache)."""
+
+    def images(role: str, idx: np.ndarray) -> tuple[Tensor, Tensor]:
+        s = load_split(splits.sources[role], root, protocol.data.image_size, download)
+        index = torch.as_tensor(idx, dtype=torch.long)
+        return s.images[index], s.labels[index]
+
+    remap = torch.full((len(splits.class_names),), -1, dtype=torch.long)
+    remap[torch.as_tensor(splits.seen_classes)] = torch.arange(len(splits.seen_classes))
+    lab_x, lab_y = images("labelled", splits.labelled)
+    us_x, _ = images("unlabelled_seen", splits.unlabelled_seen)
+    uu_x, _ = images("unlabelled_unseen", splits.unlabelled_unseen)
+    test_x, test_y = images("test", splits.test)
+    out_x, _ = images("outlier_test", splits.outlier_test)
+    return RunData(
+        labelled_x=lab_x, labelled_y=remap[lab_y],
+        unlabelled_x=torch.cat([us_x, uu_x]),
+        unlabelled_unseen=torch.cat([torch.zeros(len(us_x), dtype=torch.bool), torch.ones(len(uu_x), dtype=torch.bool)]),
+        test_x=test_x, test_y=remap[test_y], outlier_x=out_x,
+        num_classes=len(splits.seen_classes),
+        mean=tuple(protocol.data.mean), std=tuple(protocol.data.std),
+        crop_padding=protocol.data.crop_padding, flip=protocol.data.flip,
+    )

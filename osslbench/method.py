@@ -1,0 +1,193 @@
+"""The common method interface: a method declares what it needs and computes named losses.
+
+In the spirit of mdistiller's ``Distiller`` and USB's ``train_step``: the Trainer owns the
+optimiser, schedule, precision, EMA, checkpoints and logging; a method owns its loss equation,
+its extra trainable modules (connector, heads) and, optionally, epoch hooks that re-score the
+unlabelled pool. A new method is one file under ``baselines/`` holding a ``Method`` subclass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .models.base import Net
+
+
+@dataclass
+class MethodConfig:
+    """Settings every method has; a method's ``Config`` subclasses this with its paper's defaults.
+
+    :param mu: unlabelled images per labelled image in a batch (SRD paper: 1, i.e. 64 + 64;
+        FixMatch: 7). Ignored by methods that use no unlabelled data.
+    :param ema_decay: decay of an exponential moving average of the method's weights used for
+        evaluation; 0 = evaluate the trained weights (FixMatch / MeanTeacher: 0.999).
+    :param optim: overrides of the protocol's ``[optim]`` for this method (e.g. FixMatch's SGD
+        Nesterov lr 0.03 with a cosine schedule); the method class's ``optim_defaults`` come first.
+    """
+
+    mu: float = 1.0
+    ema_decay: float = 0.0
+    optim: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.mu < 0:
+            raise ValueError(f"mu = {self.mu} must be >= 0")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay = {self.ema_decay} must be in [0, 1)")
+
+
+@dataclass
+class Batch:
+    """One training step's inputs, already augmented, normalised and on the device.
+
+    :param x_lb: labelled images (weak view).
+    :param y_lb: their labels (0..num_seen-1).
+    :param x_ulb: views of the unlabelled images, in the order of ``Method.unlabelled_views``.
+    :param idx_ulb: positions of the unlabelled images in the pool (for per-sample state).
+    :param progress: fraction of training completed, in [0, 1) (for ramp-ups).
+    """
+
+    x_lb: Tensor
+    y_lb: Tensor
+    x_ulb: list[Tensor]
+    idx_ulb: Tensor
+    epoch: int
+    step: int
+    progress: float
+
+
+@dataclass
+class PoolAccess:
+    """What an epoch hook may use: the whole unlabelled pool and a batched, no-grad evaluator.
+
+    :param size: number of images in the unlabelled pool.
+    :param map: ``map(fn)`` applies ``fn(x) -> Tensor`` (x normalised, unaugmented) to the whole
+        pool in evaluation batches with the model in eval mode and returns the concatenation.
+    :param epoch: the epoch about to start.
+    :param epochs: total epochs.
+    """
+
+    size: int
+    map: Callable[[Callable[[Tensor], Tensor]], Tensor]
+    epoch: int
+    epochs: int
+
+
+class _Frozen:
+    """Holds a module outside the method's parameters, state dict and deep copies (the teacher)."""
+
+    def __init__(self, module: nn.Module | None) -> None:
+        self.module = module
+
+    def __deepcopy__(self, memo: dict) -> _Frozen:
+        return self
+
+
+class Method(nn.Module):
+    """Base class of every baseline. Subclasses set the class attributes and ``losses``.
+
+    :cvar name: registry name (``osslbench run --methods <name>``).
+    :cvar description: one line for ``osslbench list methods``.
+    :cvar Config: the typed config dataclass (paper defaults, cited in its docstring).
+    :cvar needs_teacher: the Trainer supplies a frozen, eval-mode teacher.
+    :cvar unlabelled_views: views of each unlabelled image the method wants: ``"weak"`` (flip +
+        padded crop), ``"strong"`` (weak + RandAugment + Cutout), ``"plain"``; ``()`` = no unlabelled data.
+    :cvar optim_defaults: the method's own optimiser settings, over the protocol's ``[optim]``.
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+    needs_teacher: ClassVar[bool] = False
+    unlabelled_views: ClassVar[tuple[str, ...]] = ()
+    optim_defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, cfg: MethodConfig, student: Net, teacher: Net | None = None, num_classes: int = 0) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.student = student
+        self.num_classes = num_classes or student.classifier.out_features
+        if self.needs_teacher and teacher is None:
+            raise ValueError(f"method {self.name} needs a teacher")
+        if teacher is not None:
+            teacher.eval().requires_grad_(False)
+        self._teacher = _Frozen(teacher)
+        self._records: dict[str, list[float]] = {}
+
+    @property
+    def teacher(self) -> Net:
+        """The frozen teacher (never trained, never saved with the method, never copied)."""
+        assert self._teacher.module is not None, f"{self.name} has no teacher"
+        return self._teacher.module
+
+    def train(self, mode: bool = True) -> Method:
+        super().train(mode)
+        if self._teacher.module is not None:
+            self._teacher.module.eval()  # the teacher's BatchNorm statistics stay frozen
+        return self
+
+    @property
+    def uses_unlabelled(self) -> bool:
+        return bool(self.unlabelled_views) and self.cfg.mu > 0
+
+    # --- what a method defines -------------------------------------------------------------
+    def losses(self, batch: Batch) -> dict[str, Tensor]:
+        """Named loss terms of one step; the Trainer optimises their sum and logs each."""
+        raise NotImplementedError
+
+    def predict(self, x: Tensor) -> Tensor:
+        """Logits used for evaluation (default: the student)."""
+        return self.student(x)
+
+    def ood_score(self, x: Tensor, logits: Tensor) -> Tensor:
+        """Outlier score, higher = more likely an outlier (default: 1 - max softmax probability)."""
+        return 1.0 - logits.float().softmax(dim=1).amax(dim=1)
+
+    def on_epoch_start(self, pool: PoolAccess) -> dict[str, float]:
+        """Hook before each epoch (re-scoring the unlabelled pool, stages); returns figures to log."""
+        return {}
+
+    # --- helpers shared by the baselines -------------------------------------------------------
+    def record(self, **values: Tensor | float) -> None:
+        """Figures to log, averaged over the epoch and not optimised (e.g. FixMatch's mask rate)."""
+        for key, value in values.items():
+            self._records.setdefault(key, []).append(float(value))
+
+    def pop_records(self) -> dict[str, float]:
+        """The epoch means of :meth:`record`'s figures, then forget them."""
+        out = {k: sum(v) / len(v) for k, v in self._records.items()}
+        self._records.clear()
+        return out
+
+    def forward_student(self, batch: Batch, view: int = 0, features: bool = False) -> Any:
+        """One student forward over labelled + unlabelled view ``view`` (one pass: BatchNorm sees both).
+
+        Returns ``(logits_lb, logits_ulb)`` or, with ``features``, ``(logits_lb, logits_ulb, feats)``
+        where ``feats`` covers the concatenated batch.
+        """
+        n = batch.x_lb.shape[0]
+        x = torch.cat([batch.x_lb, batch.x_ulb[view]]) if batch.x_ulb else batch.x_lb
+        if features:
+            logits, feats = self.student(x, features=True)
+            return logits[:n], logits[n:], feats
+        logits = self.student(x)
+        return logits[:n], logits[n:]
+
+
+def cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
+    """Cross-entropy in float32 (logits may come out of bf16 autocast)."""
+    return F.cross_entropy(logits.float(), target)
+
+
+def kl_div_t(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """Hinton et al. 2015 distillation loss ``KL(p_t^T || p_s^T) * T^2``, batch mean (RepDistiller's DistillKL)."""
+    t = temperature
+    log_p_s = F.log_softmax(student_logits.float() / t, dim=1)
+    p_t = F.softmax(teacher_logits.float() / t, dim=1)
+    return F.kl_div(log_p_s, p_t, reduction="batchmean") * t * t

@@ -1,0 +1,151 @@
+"""Loading (and saving) network weights.
+
+:func:`load_state` accepts RepDistiller checkpoints (Tian et al., ICLR 2020: ``{"model": state_dict,
+"epoch": ..., "opt": Namespace, ...}``), osslbench checkpoints (``{"model": state_dict, "arch": name, ...}``,
+written by :func:`save_state`) and bare state dicts, with or without a DataParallel ``module.`` prefix.
+Every failure is a :class:`~osslbench.errors.CheckpointError` with a one-line message naming the file.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from osslbench.errors import CheckpointError
+
+__all__ = ["load_state", "save_state"]
+
+_PREFIXES = ("module.", "_orig_mod.")  # DataParallel / DistributedDataParallel, torch.compile
+_SHOW = 3  # how many offending keys an error message lists
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _read(path: Path) -> Any:
+    """torch.load the file, weights only; pickles holding plain Python objects besides tensors (RepDistiller
+    stores an argparse ``opt`` Namespace, numpy scalars ...) are re-read with ``weights_only=False``."""
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} not found")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} is not a file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" not in str(e):
+            raise CheckpointError(f"cannot read checkpoint {path}: not a PyTorch checkpoint") from None
+    except Exception as e:  # zip / legacy-format decoding errors, truncated files, I/O errors
+        raise CheckpointError(f"cannot read checkpoint {path}: not a PyTorch checkpoint ({_one_line(e)})") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {_one_line(e)}") from None
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return (
+        isinstance(obj, Mapping)
+        and len(obj) > 0
+        and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items())
+    )
+
+
+def _split(ckpt: Any, path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """(state dict, metadata) of a loaded checkpoint object."""
+    if not isinstance(ckpt, Mapping):
+        raise CheckpointError(f"checkpoint {path} holds a {type(ckpt).__name__}, not a dict of weights")
+    for key in ("model", "state_dict"):
+        if key in ckpt and _is_state_dict(ckpt[key]):
+            return dict(ckpt[key]), {k: v for k, v in ckpt.items() if k != key}
+    if _is_state_dict(ckpt):
+        return dict(ckpt), {}
+    keys = ", ".join(map(str, list(ckpt)[:8])) + (", ..." if len(ckpt) > 8 else "")
+    raise CheckpointError(f"checkpoint {path} holds no state dict (top-level keys: {keys or 'none'})")
+
+
+def _strip(key: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _PREFIXES:
+            if key.startswith(prefix):
+                key, changed = key[len(prefix) :], True
+    return key
+
+
+def _listed(keys: list[str]) -> str:
+    if not keys:
+        return ""
+    return " (" + ", ".join(keys[:_SHOW]) + (", ..." if len(keys) > _SHOW else "") + ")"
+
+
+def _check_fit(model: nn.Module, state: dict[str, Tensor], path: Path) -> None:
+    expected = model.state_dict()
+    # checkpoints from before BatchNorm counted its batches (PyTorch < 0.4.1) have no num_batches_tracked at all:
+    # keep the model's values
+    if not any(k.endswith("num_batches_tracked") for k in state):
+        for k, v in expected.items():
+            if k.endswith("num_batches_tracked"):
+                state[k] = v
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if not (missing or unexpected or mismatched):
+        return
+    name = getattr(model, "arch", "") or type(model).__name__
+    msg = (
+        f"checkpoint {path} does not fit {name}: {len(missing)} missing keys{_listed(missing)}, "
+        f"{len(unexpected)} unexpected{_listed(unexpected)}"
+    )
+    if mismatched:
+        k = mismatched[0]
+        more = f" (and {len(mismatched) - 1} more)" if len(mismatched) > 1 else ""
+        msg += (
+            f", shape mismatch at {k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}{more}"
+        )
+    raise CheckpointError(msg)
+
+
+def load_state(model: nn.Module, path: str | Path) -> dict[str, Any]:
+    """Load the weights of checkpoint ``path`` into ``model`` (strictly) and return the checkpoint's other
+    entries (``{}`` for a bare state dict); e.g. ``{"epoch": 240, "opt": Namespace(...), ...}`` for RepDistiller.
+
+    Raises CheckpointError when the file is missing or unreadable, was saved from another architecture
+    (osslbench ``arch`` entry) or does not fit the model (missing / unexpected keys, shape mismatches).
+    """
+    path = Path(path)
+    state, meta = _split(_read(path), path)
+    arch = getattr(model, "arch", "")
+    saved = meta.get("arch")
+    if arch and isinstance(saved, str) and saved and saved != arch:
+        raise CheckpointError(f"checkpoint {path} was saved from {saved}, cannot load it into {arch}")
+    stripped: dict[str, Tensor] = {}
+    for k, v in state.items():
+        stripped[_strip(k)] = v
+    _check_fit(model, stripped, path)
+    try:
+        model.load_state_dict(stripped, strict=True)
+    except RuntimeError as e:  # pragma: no cover - _check_fit catches what load_state_dict would reject
+        raise CheckpointError(f"checkpoint {path} does not fit: {_one_line(e)}") from None
+    return meta
+
+
+def save_state(model: nn.Module, path: str | Path, **meta: Any) -> Path:
+    """Write ``{"model": state_dict, "arch": model.arch, **meta}`` to ``path`` atomically (via ``path.tmp``)."""
+    for reserved in ("model", "arch"):
+        if reserved in meta:
+            raise ValueError(f"{reserved!r} is written by save_state itself")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"model": model.state_dict(), "arch": getattr(model, "arch", ""), **meta}, tmp)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,256 @@
+"""Protocols: declarative TOML files under ``protocols/``, validated into typed objects.
+
+A protocol file is a tree; a named scale (``[scales.mini]``) is a tree merged on top of it, and
+``--set key=value`` overrides are merged last, so the command line always beats the file. Only the
+merged tree is validated, once, so every error names the file and the key.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from .config import build, deep_merge
+from .errors import ConfigError
+
+# CIFAR-100 channel statistics used by RepDistiller and the SRD code for every image,
+# labelled and unlabelled alike (REFERENCE.md, "Augmentation").
+CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)
+CIFAR100_STD = (0.2675, 0.2565, 0.2761)
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from; sources are ``"<source>:<split>"`` (see ``osslbench list sources``).
+
+    :param labelled: source of the labelled images (its seen classes).
+    :param test: source of the test images (its seen classes are the closed-set test).
+    :param unlabelled: a foreign source for the unseen part of the unlabelled pool (SRD paper:
+        ``tinyimagenet:train``); empty = the unseen classes of the labelled source.
+    :param outlier_test: held-out source of outlier test images for AUROC (never images used for
+        training: Tiny-ImageNet *val* when its train split is the unlabelled pool); empty = the
+        unseen classes of the test source (no outlier test when every class is seen).
+    :param image_size: every source is resized to this size (the paper resizes Tiny-ImageNet to 32).
+    :param mean: per-channel normalisation mean (CIFAR-100 statistics in the paper).
+    :param std: per-channel normalisation std.
+    :param crop_padding: padding of the random crop (RandomCrop(32, padding=4) in the paper).
+    :param flip: random horizontal flip (on in the paper; off for digits, where it changes meaning).
+    """
+
+    labelled: str
+    test: str
+    unlabelled: str = ""
+    outlier_test: str = ""
+    image_size: int = 32
+    mean: list[float] = field(default_factory=lambda: list(CIFAR100_MEAN))
+    std: list[float] = field(default_factory=lambda: list(CIFAR100_STD))
+    crop_padding: int = 4
+    flip: bool = True
+
+    def __post_init__(self) -> None:
+        if len(self.mean) != len(self.std):
+            raise ValueError("mean and std must have one value per channel")
+        if self.image_size < 1 or self.crop_padding < 0:
+            raise ValueError("image_size must be >= 1 and crop_padding >= 0")
+
+
+@dataclass
+class SplitConfig:
+    """How the labelled / unlabelled / test / outlier-test index sets are drawn (per seed).
+
+    :param seen_classes: the classes that are labelled: ``"all"``, or a list of class indices or
+        names of the labelled source.
+    :param labels_per_class: labelled images per seen class, or ``"all"`` (SRD paper: all 500).
+    :param unlabelled: size of the unlabelled pool, or ``"all"``.
+    :param mismatch: fraction of the unlabelled pool drawn from unseen classes (exact counts:
+        ``round(mismatch * unlabelled)``), or ``"natural"``: the pool is the foreign source when
+        there is one (SRD paper), else every labelled-source image not labelled (OpenMatch-style).
+    """
+
+    seen_classes: list[int | str] | Literal["all"] = "all"
+    labels_per_class: int | Literal["all"] = "all"
+    unlabelled: int | Literal["all"] = "all"
+    mismatch: float | Literal["natural"] = "natural"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.mismatch, float) and not 0.0 <= self.mismatch <= 1.0:
+            raise ValueError(f"mismatch = {self.mismatch} is outside [0, 1]")
+        if isinstance(self.labels_per_class, int) and self.labels_per_class < 1:
+            raise ValueError(f"labels_per_class = {self.labels_per_class} must be >= 1")
+        if isinstance(self.unlabelled, int) and self.unlabelled < 0:
+            raise ValueError(f"unlabelled = {self.unlabelled} must be >= 0")
+        if isinstance(self.mismatch, float) and self.unlabelled == "all" and self.mismatch not in (0.0, 1.0):
+            raise ValueError("a mismatch ratio strictly between 0 and 1 needs a fixed unlabelled count")
+
+
+@dataclass
+class ModelsConfig:
+    """Teacher and student architectures (``osslbench list models``).
+
+    SRD paper pairs: wrn-40-2 -> wrn-40-1, resnet32x4 -> resnet8x4, resnet32x4 -> ShuffleV1.
+    """
+
+    teacher: str
+    student: str
+
+
+@dataclass
+class TrainConfig:
+    """The training schedule (SRD paper: 240 epochs of one pass over the labelled set, 64 + 64).
+
+    :param epochs: student epochs.
+    :param teacher_epochs: epochs of a teacher trained by the harness (RepDistiller: 240).
+    :param iters_per_epoch: iterations per epoch; 0 = one pass over the labelled set
+        (50,000 / 64 = 781 in the paper).
+    :param batch_size: labelled images per batch (64); a method's ``mu`` sets the unlabelled count.
+    :param eval_every: evaluate every this many epochs (and always at the last epoch).
+    :param last_k: the reported ``top1_lastk`` is the mean of the last k evaluations (never the best).
+    :param eval_batch_size: batch size for evaluation and pool scoring.
+    :param amp: bf16 autocast where the device supports it.
+    :param channels_last: channels-last memory format (faster convolutions on CPU and GPU).
+    """
+
+    epochs: int = 240
+    teacher_epochs: int = 240
+    iters_per_epoch: int = 0
+    batch_size: int = 64
+    eval_every: int = 1
+    last_k: int = 5
+    eval_batch_size: int = 512
+    amp: bool = True
+    channels_last: bool = True
+
+    def __post_init__(self) -> None:
+        for key in ("epochs", "teacher_epochs", "batch_size", "eval_every", "last_k", "eval_batch_size"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} = {getattr(self, key)} must be >= 1")
+        if self.iters_per_epoch < 0:
+            raise ValueError("iters_per_epoch must be >= 0")
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and learning-rate schedule.
+
+    Defaults are the SRD paper's for every distillation method: SGD momentum 0.9, weight decay
+    5e-4, lr 0.05, x0.1 at epochs 150, 180, 210 of 240 (``milestones`` are fractions of training).
+    ``cosine`` is FixMatch's ``lr * cos(7 pi k / 16 K)`` per iteration.
+    """
+
+    name: Literal["sgd", "adam"] = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    decay_bn_bias: bool = True
+    schedule: Literal["multistep", "cosine", "constant"] = "multistep"
+    milestones: list[float] = field(default_factory=lambda: [150 / 240, 180 / 240, 210 / 240])
+    gamma: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"lr = {self.lr} must be > 0")
+        if any(not 0 < m < 1 for m in self.milestones):
+            raise ValueError("milestones are fractions of training, each in (0, 1)")
+
+
+@dataclass
+class Protocol:
+    """A fully resolved protocol: the file, then its scale, then ``--set`` overrides."""
+
+    name: str
+    description: str
+    paper: str
+    scale: str
+    data: DataConfig
+    split: SplitConfig
+    models: ModelsConfig
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    methods: list[str] = field(default_factory=lambda: ["supervised", "kd", "srd", "fixmatch"])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    method: dict[str, Any] = field(default_factory=dict)  # per-method config tables, validated by each method
+    source_file: str = ""
+    scales: list[str] = field(default_factory=list)
+
+    def method_tree(self, name: str) -> dict[str, Any]:
+        """The ``[method.<name>]`` table of this protocol (empty when absent)."""
+        tree = self.method.get(name, {})
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{self.source_file}: method.{name} must be a table")
+        return tree
+
+
+_TOP_KEYS = {"description", "paper", "default_scale", "scales", "data", "split", "models", "train", "optim",
+             "methods", "seeds", "method"}
+
+
+def builtin_dir() -> Path:
+    """The folder of the built-in protocol files: inside the package when installed (``pip install .``
+    copies ``protocols/`` there), beside it in a source checkout or an editable install."""
+    here = Path(__file__).resolve().parent
+    installed = here / "protocols"
+    return installed if installed.is_dir() else here.parent / "protocols"
+
+
+def protocol_files() -> dict[str, Path]:
+    """Protocol name -> file, for every ``*.toml`` of the built-in folder."""
+    return {p.stem: p for p in sorted(builtin_dir().glob("*.toml"))}
+
+
+def find_protocol(name: str) -> Path:
+    """A protocol's file from its name, or a path to any ``.toml`` file."""
+    if name.endswith(".toml"):
+        path = Path(name)
+        if not path.is_file():
+            raise ConfigError(f"protocol file {name} does not exist")
+        return path
+    files = protocol_files()
+    if name not in files:
+        raise ConfigError(f"unknown protocol {name!r}; known: {', '.join(files)} (or give a path to a .toml file)")
+    return files[name]
+
+
+def read_tree(path: Path) -> dict[str, Any]:
+    """The raw TOML tree of a protocol file."""
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: malformed TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+
+
+def load_protocol(name: str, scale: str | None = None, overrides: dict[str, Any] | None = None) -> Protocol:
+    """Load, merge and validate a protocol.
+
+    :param name: a built-in protocol name or a path to a ``.toml`` file.
+    :param scale: a named scale of the file (``full`` is the file itself); ``None`` = its ``default_scale``.
+    :param overrides: a tree from ``--set`` (:func:`osslbench.config.parse_overrides`), applied last.
+    """
+    path = find_protocol(name)
+    tree = read_tree(path)
+    where = str(path) if name.endswith(".toml") else f"protocols/{path.name}"
+    unknown = sorted(set(tree) - _TOP_KEYS)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(_TOP_KEYS))})")
+    scales = tree.pop("scales", {})
+    if not isinstance(scales, dict) or any(not isinstance(v, dict) for v in scales.values()):
+        raise ConfigError(f"{where}: scales must be tables, e.g. [scales.mini]")
+    names = ["full", *[s for s in scales if s != "full"]]
+    scale = scale or tree.pop("default_scale", "full")
+    tree.pop("default_scale", None)
+    if scale not in names:
+        raise ConfigError(f"{where}: unknown scale {scale!r}; this protocol has {', '.join(names)}")
+    for layer, layer_where in ((scales.get(scale, {}), f"{where} [scales.{scale}]"), (overrides or {}, "--set")):
+        bad = sorted((set(layer) - _TOP_KEYS) | ({"scales", "default_scale"} & set(layer)))
+        if bad:
+            raise ConfigError(f"{layer_where}: unknown key {bad[0]!r}")
+        tree = deep_merge(tree, layer)
+    tree.setdefault("description", "")
+    tree.setdefault("paper", "")
+    tree.update(name=path.stem, scale=scale, source_file=where, scales=names)
+    return build(Protocol, tree, where)

@@ -1,0 +1,95 @@
+"""Results as data: one ``result.json`` per run, leaderboards aggregated from them with pandas."""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+RESULT = "result.json"
+# Columns averaged over seeds (mean and std), in leaderboard order.
+METRICS = ["top1_last", "top1_lastk", "top5_last", "auroc_last", "auroc_lastk", "train_s"]
+
+
+def run_dir(out: Path, protocol: str, scale: str, method: str, seed: int) -> Path:
+    """``<out>/<protocol>/<scale>/<method>/seed<k>``: where a run keeps everything it writes."""
+    return out / protocol / scale / method / f"seed{seed}"
+
+
+def versions() -> dict[str, str]:
+    """Versions recorded with every result."""
+    import sklearn
+    import torch
+    import torchvision
+
+    from . import __version__
+
+    return {"osslbench": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "numpy": np.__version__, "sklearn": sklearn.__version__}
+
+
+def read_result(path: Path) -> dict | None:
+    """A finished run's result, or None when absent."""
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def write_result(path: Path, result: dict) -> None:
+    """Atomically write a run's ``result.json``."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def collect(out: Path, protocol: str | None = None) -> pd.DataFrame:
+    """One row per student run found under ``out`` (teachers excluded)."""
+    rows = []
+    for path in sorted(out.glob(f"{protocol or '*'}/*/*/seed*/{RESULT}")):
+        r = json.loads(path.read_text())
+        if r.get("role") != "student":
+            continue
+        row = {"protocol": r["protocol"], "scale": r["scale"], "method": r["method"], "seed": r["seed"],
+               "config_hash": r["config_hash"], "teacher_top1": r.get("teacher", {}).get("top1"),
+               **{k: v for k, v in r.get("sweep", {}).items()}, **r["metrics"]}
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def leaderboard(runs: pd.DataFrame) -> pd.DataFrame:
+    """Mean and std over seeds, one row per (protocol, scale, sweep point, method); best top-1 first."""
+    if runs.empty:
+        return runs
+    keys = ["protocol", "scale", *[c for c in runs.columns if c.startswith("sweep_")], "method"]
+    present = [m for m in METRICS if m in runs.columns]
+    grouped = runs.groupby(keys, dropna=False)
+    table = grouped[present].agg(["mean", "std"])
+    table.columns = [f"{m}" if s == "mean" else f"{m}_std" for m, s in table.columns]
+    table["seeds"] = grouped["seed"].nunique()
+    table["teacher_top1"] = grouped["teacher_top1"].mean()
+    table["config_hashes"] = grouped["config_hash"].agg(lambda s: ",".join(sorted(set(s))))
+    table = table.reset_index().sort_values([*keys[:-1], "top1_last"], ascending=[True] * (len(keys) - 1) + [False])
+    return table.round(2)
+
+
+def markdown(table: pd.DataFrame) -> str:
+    """The leaderboard as Markdown, ``mean ± std`` per metric."""
+    if table.empty:
+        return "(no results)\n"
+    shown = table[[c for c in table.columns if not c.endswith("_std") and c != "config_hashes"]].copy()
+    for m in METRICS:
+        if m in shown.columns and f"{m}_std" in table.columns:
+            std = table[f"{m}_std"].fillna(0.0)
+            shown[m] = [f"{a:.2f} ± {b:.2f}" for a, b in zip(table[m], std, strict=True)]
+    return shown.to_markdown(index=False) + "\n"
+
+
+def write_leaderboard(out: Path, protocol: str) -> pd.DataFrame:
+    """Write ``<out>/<protocol>/leaderboard.csv`` and ``.md`` from the runs' ``result.json`` files."""
+    table = leaderboard(collect(out, protocol))
+    folder = out / protocol
+    folder.mkdir(parents=True, exist_ok=True)
+    table.to_csv(folder / "leaderboard.csv", index=False)
+    (folder / "leaderboard.md").write_text(markdown(table))
+    return table

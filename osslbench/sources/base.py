@@ -1,0 +1,56 @@
+"""The interface every data source implements.
+
+A *source* turns files in the official distribution format of a data set (or data bundled with a library)
+into :class:`~osslbench.data.images.ImageSet` splits. Sources are discovered automatically by
+:mod:`osslbench.sources`: any module of that package may define subclasses of :class:`Source` that set
+``name``; no registration call is needed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+from osslbench.data.images import ImageSet
+from osslbench.errors import ConfigError
+
+
+class Source:
+    """A data source: a named collection of splits decoded into uint8 ``N x C x H x W`` image sets.
+
+    Subclasses set the class attributes and implement :meth:`load` and :meth:`expected_files`.
+    A subclass that leaves ``name`` empty is treated as an abstract helper and is not registered.
+
+    :cvar name: registry key, used in split specs ``"<name>:<split>"`` (lower case, no colon).
+    :cvar description: one line shown by ``describe_sources()`` (data set, paper, size).
+    :cvar splits: the split names :meth:`load` accepts.
+    :cvar native_size: height (= width) of the images as stored, before any resize.
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    splits: ClassVar[tuple[str, ...]] = ()
+    native_size: ClassVar[int] = 0
+
+    def load(self, split: str, root: Path, download: bool) -> ImageSet:
+        """Decode ``split`` from the files under ``root`` (downloading them first if ``download``).
+
+        :raises DataMissingError: files are absent (and ``download`` is off or failed).
+        :raises DataCorruptError: a file is present but damaged.
+        :raises ConfigError: ``split`` is not one of :attr:`splits`.
+        """
+        raise NotImplementedError
+
+    def expected_files(self, root: Path) -> str:
+        """Describe, in a short phrase, the files this source expects under ``root`` (for error messages)."""
+        raise NotImplementedError
+
+    def check_split(self, split: str) -> None:
+        """Raise :class:`ConfigError` unless ``split`` is one of :attr:`splits`."""
+        if split not in self.splits:
+            raise ConfigError(
+                f"source {self.name!r} has no split {split!r}; its splits are: {', '.join(self.splits)}"
+            )
+
+    def __repr__(self) -> str:
+        return f"<Source {self.name}: splits={self.splits}, native_size={self.native_size}>"

@@ -1,0 +1,108 @@
+"""Teachers: loaded from a checkpoint (``--teacher``), or trained by the harness once and cached.
+
+A harness-trained teacher is an ordinary run of the ``supervised`` method on the protocol's
+labelled set with the teacher architecture and ``train.teacher_epochs`` (RepDistiller's
+``train_teacher.py`` schedule), kept in ``<out>/<protocol>/<scale>/teacher-<arch>/seed<k>`` and
+keyed by the hash of everything it depends on; every method and later run reuses it, and an
+interrupted teacher resumes like any run.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from .config import as_tree, config_hash
+from .data.dataset import RunData
+from .errors import CheckpointError
+from .evaluate import evaluate
+from .models import build_model
+from .models.base import Net
+from .models.checkpoint import load_state
+from .protocol import Protocol
+from .registry import get_method
+from .results import RESULT, read_result, versions, write_result
+from .trainer import Schedule, Trainer, atomic_write_bytes, autocast_context, summarize
+
+WEIGHTS = "teacher.pt"
+
+
+def teacher_config(protocol: Protocol, seed: int) -> dict:
+    """What a harness-trained teacher depends on (its cache key is this tree's hash)."""
+    return {"protocol": protocol.name, "scale": protocol.scale, "arch": protocol.models.teacher, "seed": seed,
+            "data": as_tree(protocol.data), "split": as_tree(protocol.split),
+            "train": as_tree(replace(protocol.train, epochs=protocol.train.teacher_epochs)),
+            "optim": as_tree(protocol.optim)}
+
+
+def teacher_dir(out: Path, protocol: Protocol, seed: int) -> Path:
+    return out / protocol.name / protocol.scale / f"teacher-{protocol.models.teacher}" / f"seed{seed}"
+
+
+def load_teacher_file(path: Path, protocol: Protocol, data: RunData, device: torch.device) -> tuple[Net, dict]:
+    """A teacher from a checkpoint file (RepDistiller's or ours), evaluated on the protocol's test split."""
+    model = build_model(protocol.models.teacher, data.num_classes, data.in_channels)
+    if not Path(path).is_file():
+        raise CheckpointError(f"teacher checkpoint {path} does not exist")
+    load_state(model, path)
+    method = get_method("supervised")(get_method("supervised").Config(), model)
+    trainer_like = _Evaluator(method, data, protocol, device)
+    metrics = trainer_like.run()
+    return model, {"source": "file", "path": str(path), "arch": protocol.models.teacher, **metrics}
+
+
+class _Evaluator:
+    """Test-set figures of a ready model (same preprocessing as the Trainer)."""
+
+    def __init__(self, method, data: RunData, protocol: Protocol, device: torch.device) -> None:
+        self.method, self.data, self.protocol, self.device = method.to(device), data, protocol, device
+
+    def run(self) -> dict[str, float]:
+        from .data.augment import normalize
+
+        d = self.data
+        prepare = lambda x: normalize(x.to(self.device), d.mean, d.std)  # noqa: E731
+        m = evaluate(self.method, d.test_x, d.test_y, d.outlier_x, prepare, self.protocol.train.eval_batch_size,
+                     autocast_context(self.device, self.protocol.train.amp))
+        return {"top1": m["top1"], "top5": m["top5"], **({"auroc": m["auroc"]} if "auroc" in m else {})}
+
+
+def get_teacher(protocol: Protocol, seed: int, data: RunData, out: Path, device: torch.device,
+                teacher_path: str | None = None, progress: bool = True) -> tuple[Net, dict]:
+    """The seed's teacher (frozen use is up to the method) and its record for ``result.json``."""
+    if teacher_path:
+        return load_teacher_file(Path(teacher_path), protocol, data, device)
+    cfg = teacher_config(protocol, seed)
+    h = config_hash(cfg)
+    folder = teacher_dir(out, protocol, seed)
+    done = read_result(folder / RESULT)
+    model = build_model(protocol.models.teacher, data.num_classes, data.in_channels)
+    if done is not None and done["config_hash"] == h and (folder / WEIGHTS).exists():
+        load_state(model, folder / WEIGHTS)
+        return model, done["teacher"]
+    if done is not None and done["config_hash"] != h:
+        raise CheckpointError(f"{folder} holds a teacher of another config (hash {done['config_hash']} != {h}); "
+                              "use another --out or --overwrite")
+    torch.manual_seed(seed)
+    model = build_model(protocol.models.teacher, data.num_classes, data.in_channels)
+    method_cls = get_method("supervised")
+    method = method_cls(method_cls.Config(), model)
+    schedule = Schedule(epochs=protocol.train.teacher_epochs, train=protocol.train, optim=protocol.optim, seed=seed)
+    t0 = time.perf_counter()
+    trainer = Trainer(method, data, schedule, folder, h, device, desc=f"teacher {protocol.models.teacher}",
+                      progress=progress)
+    history = trainer.fit()
+    summary = summarize(history, protocol.train.last_k)
+    record = {"source": "trained", "arch": protocol.models.teacher, "config_hash": h,
+              "top1": summary["top1_last"], "top5": summary["top5_last"], "train_s": summary["train_s"],
+              "epochs": protocol.train.teacher_epochs, "dir": str(folder)}
+    model = model.cpu().to(memory_format=torch.contiguous_format)
+    atomic_write_bytes(folder / WEIGHTS, lambda p: torch.save({"model": model.state_dict(), "arch": model.arch}, p))
+    write_result(folder / RESULT, {"role": "teacher", "protocol": protocol.name, "scale": protocol.scale,
+                                   "seed": seed, "config_hash": h, "config": cfg, "teacher": record,
+                                   "metrics": summary, "wall_s": time.perf_counter() - t0, "versions": versions()})
+    (folder / "checkpoint.pt").unlink(missing_ok=True)  # teacher.pt is the cache; the checkpoint was for resume
+    return model, record
