@@ -77,8 +77,8 @@ class SRD(Method):
     unlabelled_views = ("flip",)  # SRD paper: unlabelled images are resized to 32 and flipped, not cropped
     cfg: SRDConfig
 
-    def __init__(self, cfg: SRDConfig, student: Net, teacher: Net | None = None, num_classes: int = 0) -> None:
-        super().__init__(cfg, student, teacher, num_classes)
+    def __init__(self, cfg: SRDConfig, student: Net, teacher: Net | None = None, **kwargs: int) -> None:
+        super().__init__(cfg, student, teacher, **kwargs)
         self.connector = connector(student.feature_channels[-1], self.teacher.feature_channels[-1])
 
     def losses(self, batch: Batch) -> dict[str, Tensor]:

@@ -50,7 +50,13 @@ class Batch:
     :param y_lb: their labels (0..num_seen-1).
     :param x_ulb: views of the unlabelled images, in the order of ``Method.unlabelled_views``.
     :param idx_ulb: positions of the unlabelled images in the pool (for per-sample state).
-    :param progress: fraction of training completed, in [0, 1) (for ramp-ups).
+    :param epoch: current epoch (0-based).
+    :param step: global iteration (0-based).
+    :param steps_per_epoch: iterations per epoch (ramp-ups defined in epochs use ``step / steps_per_epoch``).
+    :param epochs: total epochs.
+    :param x_sel: views of images drawn from the method's selected subset (``Method.selection``), in the
+        order of ``Method.selected_views``; empty when the method selects nothing or the subset is empty.
+    :param idx_sel: their positions in the pool.
     """
 
     x_lb: Tensor
@@ -59,7 +65,15 @@ class Batch:
     idx_ulb: Tensor
     epoch: int
     step: int
-    progress: float
+    steps_per_epoch: int
+    epochs: int
+    x_sel: list[Tensor] = field(default_factory=list)
+    idx_sel: Tensor | None = None
+
+    @property
+    def progress(self) -> float:
+        """Fraction of training completed, in [0, 1)."""
+        return self.step / (self.steps_per_epoch * self.epochs)
 
 
 @dataclass
@@ -98,6 +112,9 @@ class Method(nn.Module):
     :cvar needs_teacher: the Trainer supplies a frozen, eval-mode teacher.
     :cvar unlabelled_views: views of each unlabelled image the method wants: ``"weak"`` (flip +
         padded crop), ``"strong"`` (weak + RandAugment + Cutout), ``"plain"``; ``()`` = no unlabelled data.
+    :cvar selected_views: views of a second unlabelled stream drawn from the subset the method
+        selects each epoch (OpenMatch, MTC, T2T: re-selected from the WHOLE pool by ``on_epoch_start``,
+        returned by ``selection``); ``()`` = no such stream.
     :cvar optim_defaults: the method's own optimiser settings, over the protocol's ``[optim]``.
     """
 
@@ -106,13 +123,16 @@ class Method(nn.Module):
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     needs_teacher: ClassVar[bool] = False
     unlabelled_views: ClassVar[tuple[str, ...]] = ()
+    selected_views: ClassVar[tuple[str, ...]] = ()
     optim_defaults: ClassVar[dict[str, Any]] = {}
 
-    def __init__(self, cfg: MethodConfig, student: Net, teacher: Net | None = None, num_classes: int = 0) -> None:
+    def __init__(self, cfg: MethodConfig, student: Net, teacher: Net | None = None, num_classes: int = 0,
+                 pool_size: int = 0) -> None:
         super().__init__()
         self.cfg = cfg
         self.student = student
         self.num_classes = num_classes or student.classifier.out_features
+        self.pool_size = pool_size  # images in the unlabelled pool (for per-sample state buffers)
         if self.needs_teacher and teacher is None:
             raise ValueError(f"method {self.name} needs a teacher")
         if teacher is not None:
@@ -150,8 +170,18 @@ class Method(nn.Module):
         return 1.0 - logits.float().softmax(dim=1).amax(dim=1)
 
     def on_epoch_start(self, pool: PoolAccess) -> dict[str, float]:
-        """Hook before each epoch (re-scoring the unlabelled pool, stages); returns figures to log."""
+        """Hook before each epoch (re-scoring the unlabelled pool, stages); returns figures to log.
+
+        Runs again on resume from the restored weights, so it must depend only on the method's state.
+        """
         return {}
+
+    def after_step(self) -> None:
+        """Hook after each optimiser step (e.g. MeanTeacher's EMA teacher update)."""
+
+    def selection(self) -> Tensor | None:
+        """Pool positions the ``selected_views`` stream samples from this epoch (None = no stream)."""
+        return None
 
     # --- helpers shared by the baselines -------------------------------------------------------
     def record(self, **values: Tensor | float) -> None:

@@ -141,18 +141,25 @@ class Trainer:
         perms = [torch.randperm(n, generator=gen) for _ in range(-(-need // n))]
         return torch.cat(perms)[:need].view(steps, per_step)
 
-    def batches(self, epoch: int) -> Iterator[tuple[Tensor, Tensor, Tensor, list[Tensor]]]:
-        """The epoch's (labelled x, y, unlabelled indices, unlabelled views), all from ``(seed, epoch)``."""
-        seed, d, b = self.s.seed, self.data, self.s.train.batch_size
+    def batches(self, epoch: int) -> Iterator[Batch]:
+        """The epoch's batches; every random draw comes from ``(seed, epoch)``."""
+        seed, d, b, m = self.s.seed, self.data, self.s.train.batch_size, self.method
         gen = torch.Generator().manual_seed(derived_seed(seed, epoch, 1))
         lab = self.index_stream(len(d.labelled_x), b, self.iters, gen)
         ulb = self.index_stream(len(d.unlabelled_x), self.n_ulb, self.iters, gen) if self.n_ulb else None
+        subset = m.selection() if m.selected_views and self.n_ulb else None
+        sel = None
+        if subset is not None and len(subset):
+            sel = subset.cpu()[self.index_stream(len(subset), self.n_ulb, self.iters, gen)]
         for i in range(self.iters):
             x = self.prepare(self.view("weak", d.labelled_x[lab[i]], gen))
             idx_u = ulb[i] if ulb is not None else torch.empty(0, dtype=torch.long)
-            views = [self.prepare(self.view(k, d.unlabelled_x[idx_u], gen)) for k in self.method.unlabelled_views] \
-                if ulb is not None else []
-            yield x, d.labelled_y[lab[i]].to(self.device), idx_u, views
+            x_u = [self.prepare(self.view(k, d.unlabelled_x[idx_u], gen)) for k in m.unlabelled_views] if ulb is not None else []
+            idx_s = sel[i] if sel is not None else None
+            x_s = [self.prepare(self.view(k, d.unlabelled_x[idx_s], gen)) for k in m.selected_views] if sel is not None else []
+            step = epoch * self.iters + i
+            yield Batch(x, d.labelled_y[lab[i]].to(self.device), x_u, idx_u, epoch, step, self.iters, self.s.epochs,
+                        x_s, idx_s)
 
     def pool_map(self, fn: Callable[[Tensor], Tensor]) -> Tensor:
         """``fn`` over the whole unlabelled pool, in eval mode and without gradients (epoch hooks)."""
@@ -217,9 +224,7 @@ class Trainer:
             sums: dict[str, float] = {}
             bar = tqdm(self.batches(epoch), total=self.iters, desc=f"{self.desc} {epoch + 1}/{epochs}",
                        leave=False, disable=not self.progress)
-            for i, (x, y, idx_u, views) in enumerate(bar):
-                step = epoch * self.iters + i
-                batch = Batch(x, y, views, idx_u, epoch, step, step / (epochs * self.iters))
+            for i, batch in enumerate(bar):
                 with self.autocast():
                     terms = self.method.losses(batch)
                 loss = sum(terms.values())
@@ -229,6 +234,7 @@ class Trainer:
                 loss.backward()
                 self.optimizer.step()
                 self.scheduler.step()
+                self.method.after_step()
                 if self.ema is not None:
                     self.ema.update_parameters(self.method)
                 for k, v in terms.items():

@@ -95,9 +95,10 @@ def test_crop_flip_deterministic_per_generator() -> None:
     assert torch.equal(first, A.random_crop_flip(x, gen))
 
 
-@pytest.mark.parametrize(
-    ("c", "size", "padding", "mode"), [(3, 32, 4, "constant"), (1, 8, 2, "constant"), (3, 8, 3, "reflect")]
-)
+_CROP_CASES = [(3, 32, 4, "constant"), (1, 8, 2, "constant"), (3, 8, 3, "reflect")]
+
+
+@pytest.mark.parametrize(("c", "size", "padding", "mode"), _CROP_CASES)
 def test_crop_flip_is_a_window_of_the_padded_image(c: int, size: int, padding: int, mode: str) -> None:
     x = torch.randint(1, 256, (24, c, size, size), dtype=torch.uint8, generator=_gen(4))
     out = A.random_crop_flip(x, _gen(5), padding=padding, fill=0, padding_mode=mode)  # type: ignore[arg-type]

@@ -21,12 +21,12 @@ Sources of the defaults:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from torch import Tensor
 
@@ -76,8 +76,6 @@ _SHEAR_MAX = 0.3
 _TRANSLATE_MAX = 0.3
 _POSTERIZE_MAX, _POSTERIZE_BIAS = 4, 4
 _SOLARIZE_MAX = 256
-_TIE_EPS = 1.0 / 256.0  # see _warp
-_CUTOUT_SOURCE_FILL = 127  # CutoutAbs's gray; documented only, the fill is an argument
 
 
 # ----------------------------------------------------------------------------------------------------------- checks
@@ -232,8 +230,27 @@ def _colour_op(name: str, x: Tensor, magnitude: Tensor) -> Tensor:
     raise AssertionError(f"not a colour op: {name}")  # pragma: no cover
 
 
+@functools.lru_cache(maxsize=64)
+def _rotation_table(height: int, width: int) -> Tensor:
+    """PIL ``Image.rotate(angle)``'s inverse matrices for the integer angles ``-30 .. 30`` (``61 x 2 x 3`` float64).
+
+    Built with Python floats exactly as Pillow builds them (``angle % 360``, cos / sin rounded to 15 decimals, centre
+    ``(w / 2, h / 2)``), so that the fixed-point coefficients of :func:`_warp` equal PIL's.
+    """
+    table = []
+    for degrees in range(-_ROTATE_MAX, _ROTATE_MAX + 1):
+        phi = -math.radians(degrees % 360.0)
+        a, b, d, e = (round(math.cos(phi), 15), round(math.sin(phi), 15), round(-math.sin(phi), 15), round(math.cos(phi), 15))
+        cx, cy = width / 2, height / 2
+        c = a * -cx + b * -cy + 0.0 + cx
+        f = d * -cx + e * -cy + 0.0 + cy
+        table.append([[a, b, c], [d, e, f]])
+    return torch.tensor(table, dtype=torch.float64)
+
+
 def _geometric_matrices(op: Tensor, magnitude: Tensor, sign: Tensor, height: int, width: int) -> Tensor:
-    """Per-sample ``N x 2 x 3`` float64 maps from output pixel to input pixel, as PIL's ``Image.transform(AFFINE)``.
+    """Per-sample ``N x 2 x 3`` float64 maps from output pixel to input pixel, the ``data`` of PIL's
+    ``Image.transform(size, AFFINE, data)`` that the source calls (or that ``Image.rotate`` builds).
 
     Coordinates are PIL's: continuous, origin at the top-left corner of the image, pixel ``i`` covering ``[i, i+1)``.
     """
@@ -248,49 +265,43 @@ def _geometric_matrices(op: Tensor, magnitude: Tensor, sign: Tensor, height: int
     theta[is_x, 0, 1] = shear[is_x]  # (1, v, 0, 0, 1, 0)
     is_y = op == _OP_ID["ShearY"]
     theta[is_y, 1, 0] = shear[is_y]  # (1, 0, 0, v, 1, 0)
-    frac = m * _TRANSLATE_MAX / MAX_MAGNITUDE
+    frac = s * (m * _TRANSLATE_MAX / MAX_MAGNITUDE)
     is_tx = op == _OP_ID["TranslateX"]
-    theta[is_tx, 0, 2] = s[is_tx] * torch.trunc(frac[is_tx] * width)  # (1, 0, int(v * w), 0, 1, 0)
+    theta[is_tx, 0, 2] = torch.trunc(frac[is_tx] * width)  # (1, 0, int(v * w), 0, 1, 0)
     is_ty = op == _OP_ID["TranslateY"]
-    theta[is_ty, 1, 2] = s[is_ty] * torch.trunc(frac[is_ty] * height)  # (1, 0, 0, 0, 1, int(v * h))
+    theta[is_ty, 1, 2] = torch.trunc(frac[is_ty] * height)  # (1, 0, 0, 0, 1, int(v * h))
     is_rot = op == _OP_ID["Rotate"]
-    if bool(is_rot.any()):
-        # Image.rotate(angle): counter-clockwise about (w / 2, h / 2), inverse matrix as PIL builds it.
-        angle = s[is_rot] * torch.trunc(m[is_rot] * _ROTATE_MAX / MAX_MAGNITUDE)  # int(v * 30 / 10) degrees
-        phi = -angle * (math.pi / 180.0)
-        cos, sin = torch.cos(phi), torch.sin(phi)
-        cx, cy = width / 2.0, height / 2.0
-        rot = torch.stack(
-            [
-                torch.stack([cos, sin, cos * -cx + sin * -cy + cx], dim=1),
-                torch.stack([-sin, cos, -sin * -cx + cos * -cy + cy], dim=1),
-            ],
-            dim=1,
-        )
-        theta[is_rot] = rot
+    degrees = sign[is_rot] * (magnitude[is_rot] * _ROTATE_MAX // MAX_MAGNITUDE)  # int(v * 30 / 10)
+    theta[is_rot] = _rotation_table(height, width)[degrees + _ROTATE_MAX]
     return theta
 
 
 def _warp(x: Tensor, theta_pixels: Tensor, fill: int) -> Tensor:
-    """One batched nearest-neighbour affine warp; pixels mapped from outside the image get ``fill``.
+    """One batched nearest-neighbour affine warp, PIL's ``Image.transform(AFFINE, resample=NEAREST)`` pixel for pixel.
 
-    ``theta_pixels`` (``N x 2 x 3``, CPU) maps PIL pixel coordinates of the output to those of the input; it is
-    conjugated into the normalised coordinates of ``F.affine_grid`` (``align_corners=False``: pixel centres at
-    ``(2 i + 1) / W - 1``). ``grid_sample(mode="nearest")`` picks the input pixel containing the mapped centre, as PIL's
-    NEAREST resampling does (they may differ only when a mapped centre falls exactly on a pixel edge).
+    PIL's NEAREST affine transform works in 16.16 fixed point (``affine_fixed`` in Pillow's ``Geometry.c``): with
+    ``FIX(v) = floor(v * 65536 + 0.5)``, output pixel ``(x, y)`` reads input pixel
+    ``((FIX(c + a/2 + b/2) + y FIX(b) + x FIX(a)) >> 16, (FIX(f + d/2 + e/2) + y FIX(e) + x FIX(d)) >> 16)`` for
+    ``theta = (a, b, c; d, e, f)``, or gets ``fill`` if that is outside the image. This is computed for the whole
+    batch with per-sample coefficients and one ``gather``; a bilinear or float ``grid_sample`` would differ from the
+    source on the pixels whose centres map to (or within float error of) a pixel edge.
     """
     n, c, h, w = x.shape
-    to_norm = torch.tensor([[2.0 / w, 0.0, -1.0], [0.0, 2.0 / h, -1.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
-    from_norm = torch.tensor([[w / 2.0, 0.0, w / 2.0], [0.0, h / 2.0, h / 2.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
-    last_row = torch.tensor([[[0.0, 0.0, 1.0]]], dtype=torch.float64).expand(n, 1, 3)
-    full = torch.cat([theta_pixels, last_row], dim=1)
-    full[:, :2, 2] += _TIE_EPS
-    theta = (to_norm @ full @ from_norm)[:, :2].to(device=x.device, dtype=torch.float32)
-    grid = F.affine_grid(theta, [n, c, h, w], align_corners=False)
-    # Sampling x - fill with zero padding and adding fill back makes the outside equal to fill, exactly (nearest).
-    shifted = x.to(torch.float32).sub_(fill)
-    out = F.grid_sample(shifted, grid, mode="nearest", padding_mode="zeros", align_corners=False)
-    return out.add_(fill).round_().clamp_(0, 255).to(torch.uint8)
+    device = x.device
+
+    def fix(v: Tensor) -> Tensor:
+        return torch.floor(v * 65536.0 + 0.5).long().to(device).view(n, 1, 1)
+
+    a, b, cc = theta_pixels[:, 0, 0], theta_pixels[:, 0, 1], theta_pixels[:, 0, 2]
+    d, e, f = theta_pixels[:, 1, 0], theta_pixels[:, 1, 1], theta_pixels[:, 1, 2]
+    ys = torch.arange(h, device=device).view(1, h, 1)
+    xs = torch.arange(w, device=device).view(1, 1, w)
+    x_in = (fix(cc + a * 0.5 + b * 0.5) + ys * fix(b) + xs * fix(a)) >> 16  # N x H x W
+    y_in = (fix(f + d * 0.5 + e * 0.5) + ys * fix(e) + xs * fix(d)) >> 16
+    inside = (x_in >= 0) & (x_in < w) & (y_in >= 0) & (y_in < h)
+    index = (y_in.clamp(0, h - 1) * w + x_in.clamp(0, w - 1)).view(n, 1, h * w).expand(n, c, h * w)
+    out = x.reshape(n, c, h * w).gather(2, index).view(n, c, h, w)
+    return out.masked_fill_(~inside[:, None], fill)
 
 
 def _apply_plan(x: Tensor, op: Tensor, magnitude: Tensor, sign: Tensor, fill: int) -> Tensor:
@@ -414,8 +425,9 @@ def rand_augment(x: Tensor, gen: torch.Generator, num_ops: int = 2, cutout: floa
       all 8, the identity);
     * the source draws ``m`` with ``np.random.randint(1, 10)``, i.e. ``{1, ..., 9}``; here ``m`` is uniform in
       ``{1, ..., 10}`` as the harness specifies (10 is the top of every range of the paper's Table 12);
-    * geometric ops use nearest-neighbour resampling (PIL's default, used by the source) with the same inverse maps
-      as PIL's ``Image.transform`` / ``Image.rotate``; the pixels they bring in from outside get ``fill``, where PIL
+    * geometric ops reproduce PIL's ``Image.transform`` / ``Image.rotate`` with NEAREST resampling (the source's
+      calls) pixel for pixel, including PIL's 16.16 fixed-point coordinates; shears are about the top-left corner
+      (as in the source), rotations about the centre; the pixels brought in from outside get ``fill``, where PIL
       (and hence the source) fills with black;
     * colour enhancements are those of ``PIL.ImageEnhance`` (blend ``trunc(d + f * (x - d))``, PIL's grey level,
       Contrast's degenerate = the rounded mean grey level, Sharpness's = torchvision's ``adjust_sharpness(x, 0)``, the
@@ -427,9 +439,9 @@ def rand_augment(x: Tensor, gen: torch.Generator, num_ops: int = 2, cutout: floa
       cut only by the right and bottom borders; the source's PIL ``rectangle`` includes its end pixel (17 px); here
       the side is exactly ``s``. The source fills with grey 127; ``fill`` defaults to 128.
 
-    Vectorised: per slot, one batched ``grid_sample`` warp of all samples that picked a geometric op, and each other
-    op once on the samples that picked it; random values are drawn on the CPU from ``gen`` (``4 * N`` per slot,
-    ``2 * N`` for Cutout, always) and moved to ``x``'s device.
+    Vectorised: per slot, one batched warp (a gather with per-sample affine maps) of all the samples that picked a
+    geometric op, and each other op once on the samples that picked it; random values are drawn on the CPU from
+    ``gen`` (``4 * N`` per slot, ``2 * N`` for Cutout, always) and moved to ``x``'s device.
 
     :param x: uint8 ``N x C x H x W`` (C = 1 or 3), CPU or GPU.
     :param gen: CPU generator the random values come from.

@@ -42,11 +42,6 @@ class Net(nn.Module):
         assert isinstance(module, nn.Linear)
         return module
 
-    @property
-    def num_classes(self) -> int:
-        """Number of outputs of the classifier."""
-        return self.classifier.out_features
-
     def forward_features(self, x: Tensor) -> list[Tensor]:
         """Intermediate spatial feature maps, shallow to deep; the last one is the map before global pooling."""
         raise NotImplementedError

@@ -43,7 +43,8 @@ def _read(path: Path) -> Any:
         if "Unsupported global" not in str(e):
             raise CheckpointError(f"cannot read checkpoint {path}: not a PyTorch checkpoint") from None
     except Exception as e:  # zip / legacy-format decoding errors, truncated files, I/O errors
-        raise CheckpointError(f"cannot read checkpoint {path}: not a PyTorch checkpoint ({_one_line(e)})") from None
+        why = type(e).__name__ + (f": {_one_line(e)}" if _one_line(e) else "")
+        raise CheckpointError(f"cannot read checkpoint {path}: not a PyTorch checkpoint ({why})") from None
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
@@ -51,11 +52,7 @@ def _read(path: Path) -> Any:
 
 
 def _is_state_dict(obj: Any) -> bool:
-    return (
-        isinstance(obj, Mapping)
-        and len(obj) > 0
-        and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items())
-    )
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items())
 
 
 def _split(ckpt: Any, path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -108,9 +105,7 @@ def _check_fit(model: nn.Module, state: dict[str, Tensor], path: Path) -> None:
     if mismatched:
         k = mismatched[0]
         more = f" (and {len(mismatched) - 1} more)" if len(mismatched) > 1 else ""
-        msg += (
-            f", shape mismatch at {k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}{more}"
-        )
+        msg += f", shape mismatch at {k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}{more}"
     raise CheckpointError(msg)
 
 

@@ -59,9 +59,7 @@ class MobileNetV2(Net):
     SETTING = ((1, 16, 1, 1), (None, 24, 2, 1), (None, 32, 3, 2), (None, 64, 4, 2), (None, 96, 3, 1),
                (None, 160, 3, 2), (None, 320, 1, 1))  # fmt: skip
 
-    def __init__(
-        self, num_classes: int, in_channels: int = 3, expansion: int = 6, width_mult: float = 0.5
-    ) -> None:
+    def __init__(self, num_classes: int, in_channels: int = 3, expansion: int = 6, width_mult: float = 0.5) -> None:
         super().__init__()
         c_in = int(32 * width_mult)
         self.conv1 = _conv_bn_relu(in_channels, c_in, 3, 2)
@@ -105,9 +103,7 @@ class MobileNetV2(Net):
         return feats
 
 
-@register_model(
-    "MobileNetV2", "MobileNetV2 (Sandler et al. 2018), RepDistiller's CIFAR mobile_half (x0.5), 0.81M params"
-)
+@register_model("MobileNetV2", "MobileNetV2 (Sandler et al. 2018), RepDistiller's CIFAR mobile_half (x0.5), 0.81M params")
 def mobilenetv2(num_classes: int, in_channels: int = 3) -> MobileNetV2:
     """RepDistiller's ``mobile_half``: expansion 6, width multiplier 0.5."""
     return MobileNetV2(num_classes, in_channels, expansion=6, width_mult=0.5)

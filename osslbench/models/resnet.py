@@ -48,9 +48,7 @@ class ResNet(Net):
     """CIFAR ResNet-depth with filters ``num_filters`` = [stem, stage1, stage2, stage3] and (depth-2)/6 basic
     blocks per stage, strides 1,2,2. Features: [after stem ReLU, layer1, layer2, layer3]."""
 
-    def __init__(
-        self, depth: int, num_filters: Sequence[int], num_classes: int, in_channels: int = 3
-    ) -> None:
+    def __init__(self, depth: int, num_filters: Sequence[int], num_classes: int, in_channels: int = 3) -> None:
         super().__init__()
         if (depth - 2) % 6 != 0 or depth < 8:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")

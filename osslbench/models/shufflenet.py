@@ -189,9 +189,7 @@ class ShuffleNetV2(Net):
 
     classifier_path = "linear"
 
-    def __init__(
-        self, out_channels: Sequence[int], num_blocks: Sequence[int], num_classes: int, in_channels: int = 3
-    ) -> None:
+    def __init__(self, out_channels: Sequence[int], num_blocks: Sequence[int], num_classes: int, in_channels: int = 3) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, 24, kernel_size=1, bias=False)
         self.bn1 = nn.BatchNorm2d(24)

@@ -70,9 +70,7 @@ def cnn_small(num_classes: int, in_channels: int = 3) -> SmallCNN:
     return SmallCNN([[16], [32]], num_classes, in_channels)
 
 
-@register_model(
-    "cnn-large", "larger CNN teacher for tiny inputs (e.g. 8x8 digits): 32,32 | 64,64 | 128,128, ~0.29M params"
-)
+@register_model("cnn-large", "larger CNN teacher for tiny inputs (e.g. 8x8 digits): 32,32 | 64,64 | 128,128, ~0.29M params")
 def cnn_large(num_classes: int, in_channels: int = 3) -> SmallCNN:
     """Teacher for tiny inputs: three stages of two conv-BN-ReLU blocks (32, 64, 128 channels), ~55x cnn-small."""
     return SmallCNN([[32, 32], [64, 64], [128, 128]], num_classes, in_channels)

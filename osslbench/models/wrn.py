@@ -33,9 +33,7 @@ class BasicBlock(nn.Module):
         if self.equal_in_out and stride != 1:
             raise ValueError("a strided WRN block must change the number of channels")
         self.convShortcut: nn.Conv2d | None = (
-            None
-            if self.equal_in_out
-            else nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, padding=0, bias=False)
+            None if self.equal_in_out else nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, padding=0, bias=False)
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -56,10 +54,7 @@ class NetworkBlock(nn.Module):
     def __init__(self, n: int, in_planes: int, out_planes: int, stride: int, drop_rate: float = 0.0) -> None:
         super().__init__()
         self.layer = nn.Sequential(
-            *[
-                BasicBlock(in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1, drop_rate)
-                for i in range(n)
-            ]
+            *[BasicBlock(in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1, drop_rate) for i in range(n)]
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -72,9 +67,7 @@ class WideResNet(Net):
     Features: [after conv1, after block1, after block2, relu(bn1(after block3))].
     """
 
-    def __init__(
-        self, depth: int, widen_factor: int, num_classes: int, in_channels: int = 3, drop_rate: float = 0.0
-    ) -> None:
+    def __init__(self, depth: int, widen_factor: int, num_classes: int, in_channels: int = 3, drop_rate: float = 0.0) -> None:
         super().__init__()
         if (depth - 4) % 6 != 0 or depth < 10:
             raise ValueError(f"WRN depth must be 6n+4, got {depth}")
