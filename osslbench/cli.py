@@ -88,7 +88,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     from .protocol import load_protocol
     from .registry import resolve_method_names
     from .results import markdown, write_leaderboard
-    from .runner import RunOptions, run_grid
+    from .runner import RunOptions, preflight, run_grid
 
     protocol = load_protocol(args.protocol, args.scale, parse_overrides(args.overrides))
     methods = resolve_method_names(args.methods, protocol)
@@ -98,6 +98,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     opts = RunOptions(data_root=args.data_root, out=args.out, teacher=args.teacher, device=args.device,
                       jobs=args.jobs, cluster=args.cluster, download=args.download, overwrite=args.overwrite,
                       progress=not args.quiet)
+    preflight(protocol, methods, seeds, opts)
     t0 = time.perf_counter()
     print(f"osslbench: {protocol.name} [{protocol.scale}] methods={','.join(methods)} seeds={seeds} -> {args.out}",
           file=sys.stderr)

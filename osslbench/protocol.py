@@ -245,11 +245,13 @@ def load_protocol(name: str, scale: str | None = None, overrides: dict[str, Any]
     tree.pop("default_scale", None)
     if scale not in names:
         raise ConfigError(f"{where}: unknown scale {scale!r}; this protocol has {', '.join(names)}")
-    for layer, layer_where in ((scales.get(scale, {}), f"{where} [scales.{scale}]"), (overrides or {}, "--set")):
+    layers = {f"{where} [scales.{name}]": layer for name, layer in scales.items()}
+    layers["--set"] = overrides or {}
+    for layer_where, layer in layers.items():  # every scale is checked, not only the one in use
         bad = sorted((set(layer) - _TOP_KEYS) | ({"scales", "default_scale"} & set(layer)))
         if bad:
             raise ConfigError(f"{layer_where}: unknown key {bad[0]!r}")
-        tree = deep_merge(tree, layer)
+    tree = deep_merge(deep_merge(tree, scales.get(scale, {})), overrides or {})
     tree.setdefault("description", "")
     tree.setdefault("paper", "")
     tree.update(name=path.stem, scale=scale, source_file=where, scales=names)

@@ -19,6 +19,7 @@ from .config import as_tree, config_hash
 from .data.dataset import load_run_data, make_splits
 from .errors import CheckpointError, OsslbenchError
 from .models import build_model
+from .models.checkpoint import load_state
 from .protocol import Protocol
 from .registry import get_method, method_config
 from .results import RESULT, read_result, run_dir, versions, write_result
@@ -133,6 +134,20 @@ def _execute(calls: Iterable[tuple], opts: RunOptions, what: str) -> list:
             return list(joblib.Parallel(n_jobs=-1)(jobs))
     parallel = joblib.Parallel(n_jobs=opts.jobs, return_as="generator")
     return list(tqdm(parallel(jobs), total=len(jobs), desc=what, disable=not opts.progress))
+
+
+def preflight(protocol: Protocol, methods: list[str], seeds: list[int], opts: RunOptions) -> None:
+    """Fail before anything is written or trained: every method's config, the data and the split of
+    every seed, and a ``--teacher`` checkpoint that must fit the protocol's teacher architecture."""
+    for m in methods:
+        method_config(get_method(m), protocol)
+    for seed in seeds:
+        splits = make_splits(protocol, seed, opts.data_root, opts.download)
+    if opts.teacher and any(get_method(m).needs_teacher for m in methods):
+        if not Path(opts.teacher).is_file():
+            raise CheckpointError(f"teacher checkpoint {opts.teacher} does not exist")
+        in_channels = load_run_data(protocol, splits, opts.data_root).in_channels
+        load_state(build_model(protocol.models.teacher, len(splits.seen_classes), in_channels), opts.teacher)
 
 
 def run_grid(protocol: Protocol, methods: list[str], seeds: list[int], opts: RunOptions) -> list[dict]:

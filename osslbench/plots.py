@@ -1,0 +1,66 @@
+"""Plots made from the data: leaderboard bars (from the CSV) and training curves (from metrics.jsonl)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on servers and CI
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .errors import OsslbenchError  # noqa: E402
+from .results import collect, leaderboard  # noqa: E402
+
+
+def plot_leaderboard(table, path: Path, title: str) -> Path:
+    """Top-1 (last epoch, mean +- std over seeds) and AUROC per method, side by side."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 0.5 * len(table) + 1.8))
+    for ax, metric, label in ((axes[0], "top1_last", "top-1 (%) last epoch"), (axes[1], "auroc_last", "AUROC (%)")):
+        if metric not in table:
+            ax.set_visible(False)
+            continue
+        err = table.get(f"{metric}_std")
+        ax.barh(table["method"], table[metric], xerr=None if err is None else err.fillna(0), color="tab:blue")
+        ax.set_xlabel(label)
+        ax.invert_yaxis()
+        lo = max(0.0, float(table[metric].min()) - 10)
+        ax.set_xlim(lo, min(100.0, float(table[metric].max()) + 5))
+    seeds = ",".join(str(s) for s in sorted(set(table["seeds"])))
+    fig.suptitle(f"{title} (seeds per row: {seeds})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_curves(folder: Path, path: Path, title: str) -> Path:
+    """Test top-1 per epoch of every method's seed-0 run under ``folder`` (a ``<protocol>/<scale>`` folder)."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for metrics in sorted(folder.glob("*/seed0/metrics.jsonl")):
+        rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+        rows = [r for r in rows if "top1" in r]
+        ax.plot([r["epoch"] for r in rows], [r["top1"] for r in rows], label=metrics.parent.parent.name)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_all(out: Path, protocol: str | None = None) -> list[Path]:
+    """Every (protocol, scale) found under ``out``: ``<out>/<protocol>/<scale>_leaderboard.png`` and ``_curves.png``."""
+    runs = collect(out, protocol)
+    if runs.empty:
+        raise OsslbenchError(f"no results under {out}" + (f" for protocol {protocol}" if protocol else ""))
+    table = leaderboard(runs)
+    paths = []
+    for (proto, scale), part in table.groupby(["protocol", "scale"]):
+        title = f"{proto} [{scale}]"
+        paths.append(plot_leaderboard(part, out / proto / f"{scale}_leaderboard.png", title))
+        paths.append(plot_curves(out / proto / scale, out / proto / f"{scale}_curves.png", title))
+    return paths
