@@ -158,14 +158,12 @@ def cmd_splits(args: argparse.Namespace) -> None:
 def cmd_leaderboard(args: argparse.Namespace) -> None:
     from .results import collect, leaderboard, markdown, write_leaderboard
 
-    if not args.out.is_dir():
-        raise OsslbenchError(f"no results folder {args.out}")
-    protocols = [args.protocol] if args.protocol else sorted({p for p in collect(args.out)["protocol"]}) \
-        if not collect(args.out).empty else []
-    tables = [write_leaderboard(args.out, p) for p in protocols]
-    table = leaderboard(collect(args.out, args.protocol)) if tables else None
-    if table is None or table.empty:
+    runs = collect(args.out, args.protocol) if args.out.is_dir() else None
+    if runs is None or runs.empty:
         raise OsslbenchError(f"no results under {args.out}" + (f" for protocol {args.protocol}" if args.protocol else ""))
+    for protocol in sorted(set(runs["protocol"])):
+        write_leaderboard(args.out, protocol)
+    table = leaderboard(runs)
     print(markdown(table) if args.markdown else table.to_csv(index=False), end="")
 
 

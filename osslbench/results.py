@@ -78,10 +78,10 @@ def markdown(table: pd.DataFrame) -> str:
     if table.empty:
         return "(no results)\n"
     shown = table[[c for c in table.columns if not c.endswith("_std") and c != "config_hashes"]].copy()
-    for m in METRICS:
+    for m in METRICS:  # "mean ± std" over seeds; a single seed has no spread to show
         if m in shown.columns and f"{m}_std" in table.columns:
-            std = table[f"{m}_std"].fillna(0.0)
-            shown[m] = [f"{a:.2f} ± {b:.2f}" for a, b in zip(table[m], std, strict=True)]
+            pairs = zip(table[m], table[f"{m}_std"], strict=True)
+            shown[m] = [f"{a:.2f}" if pd.isna(b) else f"{a:.2f} ± {b:.2f}" for a, b in pairs]
     return shown.to_markdown(index=False) + "\n"
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .config import as_tree, config_hash
+from .data.augment import normalize
 from .data.dataset import RunData
 from .errors import CheckpointError
 from .evaluate import evaluate
@@ -44,30 +45,16 @@ def teacher_dir(out: Path, protocol: Protocol, seed: int) -> Path:
 
 def load_teacher_file(path: Path, protocol: Protocol, data: RunData, device: torch.device) -> tuple[Net, dict]:
     """A teacher from a checkpoint file (RepDistiller's or ours), evaluated on the protocol's test split."""
-    model = build_model(protocol.models.teacher, data.num_classes, data.in_channels)
     if not Path(path).is_file():
         raise CheckpointError(f"teacher checkpoint {path} does not exist")
+    model = build_model(protocol.models.teacher, data.num_classes, data.in_channels)
     load_state(model, path)
-    method = get_method("supervised")(get_method("supervised").Config(), model)
-    trainer_like = _Evaluator(method, data, protocol, device)
-    metrics = trainer_like.run()
-    return model, {"source": "file", "path": str(path), "arch": protocol.models.teacher, **metrics}
-
-
-class _Evaluator:
-    """Test-set figures of a ready model (same preprocessing as the Trainer)."""
-
-    def __init__(self, method, data: RunData, protocol: Protocol, device: torch.device) -> None:
-        self.method, self.data, self.protocol, self.device = method.to(device), data, protocol, device
-
-    def run(self) -> dict[str, float]:
-        from .data.augment import normalize
-
-        d = self.data
-        prepare = lambda x: normalize(x.to(self.device), d.mean, d.std)  # noqa: E731
-        m = evaluate(self.method, d.test_x, d.test_y, d.outlier_x, prepare, self.protocol.train.eval_batch_size,
-                     autocast_context(self.device, self.protocol.train.amp))
-        return {"top1": m["top1"], "top5": m["top5"], **({"auroc": m["auroc"]} if "auroc" in m else {})}
+    cls = get_method("supervised")
+    method = cls(cls.Config(), model).to(device)
+    prepare = lambda x: normalize(x.to(device), data.mean, data.std)  # noqa: E731
+    m = evaluate(method, data.test_x, data.test_y, data.outlier_x, prepare, protocol.train.eval_batch_size,
+                 autocast_context(device, protocol.train.amp))
+    return model.cpu(), {"source": "file", "path": str(path), "arch": protocol.models.teacher, **m}
 
 
 def get_teacher(protocol: Protocol, seed: int, data: RunData, out: Path, device: torch.device,
