@@ -78,7 +78,7 @@ def run_one(protocol: Protocol, method: str, seed: int, opts: RunOptions) -> dic
     data = load_run_data(protocol, splits, opts.data_root, opts.download)
     teacher, teacher_record = (None, {})
     if cls.needs_teacher:
-        teacher, teacher_record = get_teacher(protocol, seed, data, opts.out, device, opts.teacher, opts.progress)
+        teacher, teacher_record = get_teacher(protocol, seed, data, opts.out, device, opts.teacher, opts.progress, opts.overwrite)
     folder.mkdir(parents=True, exist_ok=True)
     splits.save(folder / "splits.npz")
     torch.manual_seed(seed)
@@ -104,7 +104,8 @@ def run_one(protocol: Protocol, method: str, seed: int, opts: RunOptions) -> dic
 def _teacher_job(protocol: Protocol, seed: int, opts: RunOptions) -> None:
     splits = make_splits(protocol, seed, opts.data_root, opts.download)
     data = load_run_data(protocol, splits, opts.data_root, opts.download)
-    get_teacher(protocol, seed, data, opts.out, pick_device(opts.device), opts.teacher, opts.progress)
+    get_teacher(protocol, seed, data, opts.out, pick_device(opts.device), opts.teacher, opts.progress,
+                opts.overwrite)
 
 
 def _threads_then(fn, threads: int):

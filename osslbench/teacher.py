@@ -9,6 +9,7 @@ interrupted teacher resumes like any run.
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -58,7 +59,7 @@ def load_teacher_file(path: Path, protocol: Protocol, data: RunData, device: tor
 
 
 def get_teacher(protocol: Protocol, seed: int, data: RunData, out: Path, device: torch.device,
-                teacher_path: str | None = None, progress: bool = True) -> tuple[Net, dict]:
+                teacher_path: str | None = None, progress: bool = True, overwrite: bool = False) -> tuple[Net, dict]:
     """The seed's teacher (frozen use is up to the method) and its record for ``result.json``."""
     if teacher_path:
         return load_teacher_file(Path(teacher_path), protocol, data, device)
@@ -70,7 +71,9 @@ def get_teacher(protocol: Protocol, seed: int, data: RunData, out: Path, device:
     if done is not None and done["config_hash"] == h and (folder / WEIGHTS).exists():
         load_state(model, folder / WEIGHTS)
         return model, done["teacher"]
-    if done is not None and done["config_hash"] != h:
+    if done is not None and done["config_hash"] != h and overwrite:
+        shutil.rmtree(folder)
+    elif done is not None and done["config_hash"] != h:
         raise CheckpointError(f"{folder} holds a teacher of another config (hash {done['config_hash']} != {h}); "
                               "use another --out or --overwrite")
     torch.manual_seed(seed)
