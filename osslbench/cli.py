@@ -146,13 +146,13 @@ def cmd_show(args: argparse.Namespace) -> None:
 
 
 def cmd_splits(args: argparse.Namespace) -> None:
-    from .data.dataset import make_splits
+    from .data.dataset import make_splits, splits_report
     from .protocol import load_protocol
 
     protocol = load_protocol(args.protocol, args.scale, parse_overrides(args.overrides))
     splits = make_splits(protocol, args.seed, args.data_root, args.download)
-    print(json.dumps({"protocol": protocol.name, "scale": protocol.scale, "seed": args.seed, **splits.summary()},
-                     indent=2))
+    report = splits_report(protocol, splits, args.data_root, args.download)
+    print(json.dumps({"protocol": protocol.name, "scale": protocol.scale, "seed": args.seed, **report}, indent=2))
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> None:

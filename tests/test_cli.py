@@ -77,6 +77,20 @@ def test_list_show_splits(capsys):
     code, out, _ = run_cli(capsys, "splits", "--protocol", "digits-openset", "--seed", "1")
     splits = json.loads(out)
     assert splits["sizes"]["labelled"] == 60 and splits["unseen_classes"] == ["6", "7", "8", "9"]
+    assert splits["classes"]["labelled"] == ["0", "1", "2", "3", "4", "5"] == splits["classes"]["test"]
+    assert splits["classes"]["unlabelled_unseen"] == ["6", "7", "8", "9"] == splits["classes"]["outlier_test"]
+
+
+def test_splits_of_the_paper_protocol_on_real_data(capsys, real_data):
+    code, out, err = run_cli(capsys, "splits", "--protocol", "cifar100-tinyimagenet", "--data-root", str(real_data))
+    assert code == 0, err
+    s = json.loads(out)
+    n_tin = sum(1 for _ in (real_data / "tiny-imagenet-200" / "train").glob("*/images/*.JPEG"))
+    n_val = sum(1 for _ in (real_data / "tiny-imagenet-200" / "val" / "images").glob("*.JPEG"))
+    assert s["sizes"] == {"labelled": 50000, "unlabelled_seen": 0, "unlabelled_unseen": n_tin, "test": 10000,
+                          "outlier_test": n_val}
+    wnids = (real_data / "tiny-imagenet-200" / "wnids.txt").read_text().split()
+    assert len(s["classes"]["labelled"]) == 100 and sorted(s["classes"]["unlabelled_unseen"]) == sorted(wnids)
 
 
 @pytest.mark.slow

@@ -55,6 +55,17 @@ def make_splits(protocol: Protocol, seed: int, root: str | Path, download: bool 
     return build_splits(protocol, seed, labels_fn(protocol, root, download))
 
 
+def splits_report(protocol: Protocol, splits: Splits, root: str | Path, download: bool = False) -> dict:
+    """:meth:`Splits.summary` plus, for every split, the classes its images actually belong to."""
+    labels_of = labels_fn(protocol, root, download)
+    classes = {}
+    for role in Splits._ARRAYS:
+        labels, names = labels_of(splits.sources[role])
+        present = np.unique(labels[getattr(splits, role)]) if len(getattr(splits, role)) else []
+        classes[role] = [names[c] for c in present]
+    return {**splits.summary(), "classes": classes}
+
+
 def load_run_data(protocol: Protocol, splits: Splits, root: str | Path, download: bool = False) -> RunData:
     """Gather the images of every split (decoded once per process by the source cache)."""
 
