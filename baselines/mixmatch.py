@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -80,16 +81,18 @@ def guess_labels(logits_views: Tensor, k: int, temperature: float) -> Tensor:
     return sharpen(p, temperature)
 
 
-def mixup(x: Tensor, targets: Tensor, alpha: float) -> tuple[Tensor, Tensor, Tensor]:
+def mixup(x: Tensor, targets: Tensor, alpha: float, gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
     """MixUp of every row with a row of a shuffled copy, ``lambda' = max(lambda, 1 - lambda)`` per row.
 
-    Random numbers come from the global (CPU) torch generator, which the Trainer seeds per epoch.
+    Random numbers come from ``gen`` (the Trainer's per-epoch generator; torch's Beta sampler takes no
+    generator, so lambda is drawn by numpy from a seed taken out of ``gen``).
     Returns the mixed inputs, the mixed targets and the per-row ``lambda'``.
     """
     n = x.shape[0]
-    lam = torch.distributions.Beta(torch.tensor(float(alpha)), torch.tensor(float(alpha))).sample((n,))
+    rng = np.random.default_rng(int(torch.randint(2**62, (1,), generator=gen)))
+    lam = torch.from_numpy(rng.beta(alpha, alpha, n)).float()
     lam = torch.maximum(lam, 1.0 - lam).to(x.device)
-    perm = torch.randperm(n).to(x.device)
+    perm = torch.randperm(n, generator=gen).to(x.device)
     lam_x = lam.view(-1, *([1] * (x.dim() - 1)))
     x_mix = lam_x * x + (1.0 - lam_x) * x[perm]
     t_mix = lam[:, None] * targets + (1.0 - lam[:, None]) * targets[perm]
@@ -136,7 +139,7 @@ class MixMatch(Method):
         p = F.one_hot(batch.y_lb, self.num_classes).float()
         x = torch.cat([batch.x_lb, *batch.x_ulb])
         targets = torch.cat([p, *([q] * len(batch.x_ulb))])
-        x_mix, t_mix, _ = mixup(x, targets, cfg.alpha)
+        x_mix, t_mix, _ = mixup(x, targets, cfg.alpha, batch.gen)
         return x_mix, t_mix
 
     def losses(self, batch: Batch) -> dict[str, Tensor]:

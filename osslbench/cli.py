@@ -48,6 +48,7 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     run.add_argument("--jobs", type=int, default=1, help="runs in parallel on this machine (joblib)")
     run.add_argument("--cluster", default=None, help="Dask scheduler address: run on that cluster")
+    run.add_argument("--threads", type=int, default=0, help="torch threads per run (default: cores / jobs)")
     run.add_argument("--overwrite", action="store_true", help="discard results of another config in --out")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -93,11 +94,11 @@ def cmd_run(args: argparse.Namespace) -> None:
     protocol = load_protocol(args.protocol, args.scale, parse_overrides(args.overrides))
     methods = resolve_method_names(args.methods, protocol)
     seeds = _seeds(args.seeds, protocol.seeds)
-    if args.jobs < 1:
-        raise OsslbenchError("--jobs must be >= 1")
+    if args.jobs < 1 or args.threads < 0:
+        raise OsslbenchError("--jobs must be >= 1 and --threads >= 0")
     opts = RunOptions(data_root=args.data_root, out=args.out, teacher=args.teacher, device=args.device,
-                      jobs=args.jobs, cluster=args.cluster, download=args.download, overwrite=args.overwrite,
-                      progress=not args.quiet)
+                      jobs=args.jobs, cluster=args.cluster, threads=args.threads, download=args.download,
+                      overwrite=args.overwrite, progress=not args.quiet)
     preflight(protocol, methods, seeds, opts)
     t0 = time.perf_counter()
     print(f"osslbench: {protocol.name} [{protocol.scale}] methods={','.join(methods)} seeds={seeds} -> {args.out}",

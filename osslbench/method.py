@@ -57,6 +57,9 @@ class Batch:
     :param x_sel: views of images drawn from the method's selected subset (``Method.selection``), in the
         order of ``Method.selected_views``; empty when the method selects nothing or the subset is empty.
     :param idx_sel: their positions in the pool.
+    :param gen: the CPU generator of this epoch's random draws, seeded from ``(seed, epoch)``. A method
+        draws its own random numbers (MixUp's lambda, random classes) from it, never from torch's global
+        generator: that keeps runs reproducible, resumable and independent of other runs in the process.
     """
 
     x_lb: Tensor
@@ -69,6 +72,7 @@ class Batch:
     epochs: int
     x_sel: list[Tensor] = field(default_factory=list)
     idx_sel: Tensor | None = None
+    gen: torch.Generator = field(default_factory=torch.Generator)
 
     @property
     def progress(self) -> float:

@@ -24,7 +24,7 @@ from .protocol import Protocol
 from .registry import get_method, method_config
 from .results import RESULT, read_result, run_dir, versions, write_result
 from .teacher import get_teacher, teacher_config
-from .trainer import Schedule, Trainer, pick_device, summarize
+from .trainer import Schedule, Trainer, pick_device, seeded_init, summarize
 
 # Protocol keys that do not change a run's outcome, left out of its config hash.
 _NOT_HASHED = {"description", "paper", "methods", "seeds", "scales", "source_file", "method"}
@@ -43,6 +43,7 @@ class RunOptions:
     download: bool = False
     overwrite: bool = False
     progress: bool = True
+    threads: int = 0  # torch threads per run; 0 = all cores inline, cores / jobs in parallel, the worker's own on a cluster
     stop_after: int | None = None  # epochs; for tests of resume
 
 
@@ -81,9 +82,9 @@ def run_one(protocol: Protocol, method: str, seed: int, opts: RunOptions) -> dic
         teacher, teacher_record = get_teacher(protocol, seed, data, opts.out, device, opts.teacher, opts.progress, opts.overwrite)
     folder.mkdir(parents=True, exist_ok=True)
     splits.save(folder / "splits.npz")
-    torch.manual_seed(seed)
-    student = build_model(protocol.models.student, data.num_classes, data.in_channels)
-    m = cls(cfg, student, teacher, num_classes=data.num_classes, pool_size=len(data.unlabelled_x))
+    with seeded_init(seed):
+        student = build_model(protocol.models.student, data.num_classes, data.in_channels)
+        m = cls(cfg, student, teacher, num_classes=data.num_classes, pool_size=len(data.unlabelled_x))
     schedule = Schedule(epochs=protocol.train.epochs, train=protocol.train, optim=optim, seed=seed)
     trainer = Trainer(m, data, schedule, folder, h, device, desc=f"{method} s{seed}", progress=opts.progress)
     history = trainer.fit(stop_after=opts.stop_after)
@@ -109,6 +110,9 @@ def _teacher_job(protocol: Protocol, seed: int, opts: RunOptions) -> None:
 
 
 def _threads_then(fn, threads: int):
+    """``fn`` with torch limited to ``threads`` (0 = unchanged); the float reductions, hence the exact
+    figures, depend on the thread count, which every result records. Not restored after: runs sharing a
+    worker process (Dask threads) would undo each other's setting mid-run."""
     def call(*args):
         if threads:
             torch.set_num_threads(threads)
@@ -123,8 +127,12 @@ def _execute(calls: Iterable[tuple], opts: RunOptions, what: str) -> list:
     if not calls:
         return []
     if opts.jobs == 1 and not opts.cluster:
-        return [fn(*args) for fn, *args in calls]
-    threads = 0 if opts.cluster else max(1, (os.cpu_count() or 1) // opts.jobs)
+        before = torch.get_num_threads()
+        try:
+            return [_threads_then(fn, opts.threads)(*args) for fn, *args in calls]
+        finally:
+            torch.set_num_threads(before)
+    threads = opts.threads or (0 if opts.cluster else max(1, (os.cpu_count() or 1) // opts.jobs))
     jobs = [joblib.delayed(_threads_then(fn, threads))(*args) for fn, *args in calls]
     if opts.cluster:
         try:

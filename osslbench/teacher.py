@@ -27,7 +27,7 @@ from .models.checkpoint import load_state
 from .protocol import Protocol
 from .registry import get_method
 from .results import RESULT, read_result, versions, write_result
-from .trainer import Schedule, Trainer, atomic_write_bytes, autocast_context, summarize
+from .trainer import Schedule, Trainer, atomic_write_bytes, autocast_context, seeded_init, summarize
 
 WEIGHTS = "teacher.pt"
 
@@ -44,11 +44,16 @@ def teacher_dir(out: Path, protocol: Protocol, seed: int) -> Path:
     return out / protocol.name / protocol.scale / f"teacher-{protocol.models.teacher}" / f"seed{seed}"
 
 
+def _build(protocol: Protocol, data: RunData, seed: int) -> Net:
+    with seeded_init(seed):  # also before loading weights: never touch torch's global generator
+        return build_model(protocol.models.teacher, data.num_classes, data.in_channels)
+
+
 def load_teacher_file(path: Path, protocol: Protocol, data: RunData, device: torch.device) -> tuple[Net, dict]:
     """A teacher from a checkpoint file (RepDistiller's or ours), evaluated on the protocol's test split."""
     if not Path(path).is_file():
         raise CheckpointError(f"teacher checkpoint {path} does not exist")
-    model = build_model(protocol.models.teacher, data.num_classes, data.in_channels)
+    model = _build(protocol, data, 0)
     load_state(model, path)
     cls = get_method("supervised")
     method = cls(cls.Config(), model).to(device)
@@ -67,7 +72,7 @@ def get_teacher(protocol: Protocol, seed: int, data: RunData, out: Path, device:
     h = config_hash(cfg)
     folder = teacher_dir(out, protocol, seed)
     done = read_result(folder / RESULT)
-    model = build_model(protocol.models.teacher, data.num_classes, data.in_channels)
+    model = _build(protocol, data, seed)
     if done is not None and done["config_hash"] == h and (folder / WEIGHTS).exists():
         load_state(model, folder / WEIGHTS)
         return model, done["teacher"]
@@ -76,8 +81,7 @@ def get_teacher(protocol: Protocol, seed: int, data: RunData, out: Path, device:
     elif done is not None and done["config_hash"] != h:
         raise CheckpointError(f"{folder} holds a teacher of another config (hash {done['config_hash']} != {h}); "
                               "use another --out or --overwrite")
-    torch.manual_seed(seed)
-    model = build_model(protocol.models.teacher, data.num_classes, data.in_channels)
+    model = _build(protocol, data, seed)
     method_cls = get_method("supervised")
     method = method_cls(method_cls.Config(), model)
     schedule = Schedule(epochs=protocol.train.teacher_epochs, train=protocol.train, optim=protocol.optim, seed=seed)

@@ -1,8 +1,9 @@
 """The Trainer: optimiser, schedule, precision, EMA, evaluation, checkpoints and resume.
 
 Resume is exact at epoch boundaries: every random stream of an epoch (sampling order,
-augmentation, the methods' own randomness) is seeded from ``(seed, epoch)``, so an epoch run after
-a restart draws the same numbers as it would have without the interruption.
+augmentation, the methods' own randomness through ``Batch.gen``) is seeded from ``(seed, epoch)``, so an
+epoch run after a restart draws the same numbers as it would have without the interruption. Torch's global
+generator is never used while training: runs sharing a process (Dask threads) would reseed each other.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import contextlib
 import json
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -36,6 +38,18 @@ METRICS = "metrics.jsonl"
 def derived_seed(*parts: int) -> int:
     """A 63-bit seed from integers (e.g. run seed, epoch, stream id), stable across runs and platforms."""
     return int(np.random.SeedSequence(list(parts)).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+_INIT_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def seeded_init(seed: int) -> Iterator[None]:
+    """Build models under ``torch.manual_seed(seed)``: layers initialise from torch's global generator, so
+    runs sharing a process (Dask threads) take turns, and the caller's generator state is restored after."""
+    with _INIT_LOCK, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def atomic_write_bytes(path: Path, write: Callable[[Path], None]) -> None:
@@ -159,7 +173,7 @@ class Trainer:
             x_s = [self.prepare(self.view(k, d.unlabelled_x[idx_s], gen)) for k in m.selected_views] if sel is not None else []
             step = epoch * self.iters + i
             yield Batch(x, d.labelled_y[lab[i]].to(self.device), x_u, idx_u, epoch, step, self.iters, self.s.epochs,
-                        x_s, idx_s)
+                        x_s, idx_s, gen)
 
     def pool_map(self, fn: Callable[[Tensor], Tensor]) -> Tensor:
         """``fn`` over the whole unlabelled pool, in eval mode and without gradients (epoch hooks)."""
@@ -218,7 +232,6 @@ class Trainer:
         self.method.train()
         for epoch in range(start, epochs if stop_after is None else min(epochs, stop_after)):
             t0 = time.perf_counter()
-            torch.manual_seed(derived_seed(self.s.seed, epoch, 2))  # the methods' own randomness
             pool = PoolAccess(size=len(self.data.unlabelled_x), map=self.pool_map, epoch=epoch, epochs=epochs)
             row: dict = {"epoch": epoch + 1, **{f"hook_{k}": v for k, v in self.method.on_epoch_start(pool).items()}}
             sums: dict[str, float] = {}

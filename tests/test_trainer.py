@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from osslbench.config import parse_overrides
 from osslbench.errors import CheckpointError
 from osslbench.protocol import OptimConfig, load_protocol
+from osslbench.registry import methods
 from osslbench.runner import RunOptions, run_one
 from osslbench.trainer import lr_factor
 
@@ -23,10 +25,16 @@ def metrics(folder) -> list[dict]:
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("method", ["srd", "fixmatch"])
+@pytest.mark.parametrize("method", sorted(methods()))
 def test_resumed_run_equals_uninterrupted(tmp_path, method):
+    """Every method, built-in or new: its own state (EMA, moving averages, selection) survives a restart, and
+    it draws its randomness from ``Batch.gen``, never torch's global generator (which would break both this
+    and runs sharing a process)."""
     protocol = load_protocol("digits-openset", None, parse_overrides(SMALL))
+    torch.manual_seed(0)
+    before = torch.random.get_rng_state()
     whole = run_one(protocol, method, 0, RunOptions(data_root=tmp_path, out=tmp_path / "a", progress=False))
+    assert torch.equal(torch.random.get_rng_state(), before), f"{method} used torch's global generator"
     opts = RunOptions(data_root=tmp_path, out=tmp_path / "b", progress=False, stop_after=2)
     partial = run_one(protocol, method, 0, opts)
     folder = tmp_path / "b" / "digits-openset" / "full" / method / "seed0"
