@@ -11,7 +11,7 @@ import pandas as pd
 
 RESULT = "result.json"
 # Columns averaged over seeds (mean and std), in leaderboard order.
-METRICS = ["top1_last", "top1_lastk", "top5_last", "auroc_last", "auroc_lastk", "train_s"]
+METRICS = ["top1_last", "top1_lastk", "top5_last", "auroc_last", "auroc_lastk", "train_s", "hook_s"]
 
 
 def run_dir(out: Path, protocol: str, scale: str, method: str, seed: int) -> Path:

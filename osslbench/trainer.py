@@ -234,6 +234,7 @@ class Trainer:
             t0 = time.perf_counter()
             pool = PoolAccess(size=len(self.data.unlabelled_x), map=self.pool_map, epoch=epoch, epochs=epochs)
             row: dict = {"epoch": epoch + 1, **{f"hook_{k}": v for k, v in self.method.on_epoch_start(pool).items()}}
+            row["hook_s"] = time.perf_counter() - t0  # the cost of re-scoring the pool (selection methods)
             sums: dict[str, float] = {}
             bar = tqdm(self.batches(epoch), total=self.iters, desc=f"{self.desc} {epoch + 1}/{epochs}",
                        leave=False, disable=not self.progress)
@@ -274,7 +275,8 @@ def summarize(history: list[dict], last_k: int) -> dict[str, float]:
         return {}
     last, tail = evals[-1], evals[-last_k:]
     out: dict[str, float] = {"epochs": history[-1]["epoch"], "last_k": len(tail),
-                             "train_s": sum(r["train_s"] + r.get("eval_s", 0.0) for r in history)}
+                             "train_s": sum(r["train_s"] + r.get("eval_s", 0.0) for r in history),
+                             "hook_s": sum(r.get("hook_s", 0.0) for r in history)}
     for key in ("top1", "top5", "auroc"):
         if key in last:
             out[f"{key}_last"] = last[key]
