@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from osslbench.method import Batch, Method, MethodConfig
 from osslbench.models.base import Net
@@ -99,6 +99,17 @@ def mixup(x: Tensor, targets: Tensor, alpha: float, gen: torch.Generator) -> tup
     return x_mix, t_mix, lam
 
 
+def mix_batch(student: nn.Module, x_lb: Tensor, y_lb: Tensor, views: list[Tensor], num_classes: int,
+              temperature: float, alpha: float, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """MixMatch's Algorithm 1: the mixed inputs and targets, labelled rows first, then the K ``views`` of the
+    unlabelled images (their targets: the sharpened mean prediction over the views, without gradient)."""
+    with torch.no_grad():
+        q = guess_labels(student(torch.cat(views)), len(views), temperature)
+    p = F.one_hot(y_lb, num_classes).float()
+    x_mix, t_mix, _ = mixup(torch.cat([x_lb, *views]), torch.cat([p, *([q] * len(views))]), alpha, gen)
+    return x_mix, t_mix
+
+
 def soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     """``-mean_i sum_c t_ic log softmax(z_i)_c`` (MixMatch's labelled loss on mixed targets)."""
     return -(targets * F.log_softmax(logits.float(), dim=1)).sum(dim=1).mean()
@@ -132,15 +143,10 @@ class MixMatch(Method):
         return self.cfg.lambda_u * linear_rampup(batch.progress, self.cfg.rampup_fraction)
 
     def mix(self, batch: Batch) -> tuple[Tensor, Tensor]:
-        """MixMatch's Algorithm 1: the mixed inputs and targets, labelled rows first, then the K views."""
+        """MixMatch's Algorithm 1 on the labelled batch and the K views of the unlabelled one."""
         cfg = self.cfg
-        with torch.no_grad():
-            q = guess_labels(self.student(torch.cat(batch.x_ulb)), len(batch.x_ulb), cfg.temperature)
-        p = F.one_hot(batch.y_lb, self.num_classes).float()
-        x = torch.cat([batch.x_lb, *batch.x_ulb])
-        targets = torch.cat([p, *([q] * len(batch.x_ulb))])
-        x_mix, t_mix, _ = mixup(x, targets, cfg.alpha, batch.gen)
-        return x_mix, t_mix
+        return mix_batch(self.student, batch.x_lb, batch.y_lb, batch.x_ulb, self.num_classes, cfg.temperature,
+                         cfg.alpha, batch.gen)
 
     def losses(self, batch: Batch) -> dict[str, Tensor]:
         n = batch.x_lb.shape[0]

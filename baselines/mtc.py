@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from osslbench.baselines.mixmatch import guess_labels, linear_rampup, mixup, probability_mse, soft_cross_entropy
+from osslbench.baselines.mixmatch import linear_rampup, mix_batch, probability_mse, soft_cross_entropy
 from osslbench.method import Batch, Method, MethodConfig, PoolAccess, cross_entropy
 from osslbench.models.base import Net
 from osslbench.ood import otsu_threshold, pooled
@@ -241,13 +241,8 @@ class MTC(Method):
     def mix(self, batch: Batch) -> tuple[Tensor, Tensor]:
         """MixMatch's Algorithm 1 on [labelled | K views of the selected images], labelled rows first."""
         cfg = self.cfg
-        with torch.no_grad():
-            q = guess_labels(self.student(torch.cat(batch.x_sel)), len(batch.x_sel), cfg.temperature)
-        p = F.one_hot(batch.y_lb, self.num_classes).float()
-        x = torch.cat([batch.x_lb, *batch.x_sel])
-        targets = torch.cat([p, *([q] * len(batch.x_sel))])
-        x_mix, t_mix, _ = mixup(x, targets, cfg.alpha, batch.gen)
-        return x_mix, t_mix
+        return mix_batch(self.student, batch.x_lb, batch.y_lb, batch.x_sel, self.num_classes, cfg.temperature,
+                         cfg.alpha, batch.gen)
 
     def losses(self, batch: Batch) -> dict[str, Tensor]:
         cfg, n = self.cfg, batch.x_lb.shape[0]
