@@ -19,3 +19,9 @@ def real_data() -> Path:
     if not (REAL_DATA / "cifar-100-python").is_dir():
         pytest.skip(f"real data not found at {REAL_DATA}")
     return REAL_DATA
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _decoded_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Keep the on-disk decoded cache of the whole session in a temporary folder (never in ~/.cache)."""
+    os.environ["OSSLBENCH_CACHE"] = str(tmp_path_factory.mktemp("decoded-cache"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import struct
 from pathlib import Path
@@ -349,3 +350,49 @@ def test_resize_images_chunks() -> None:
     chunked = resize_images(imgs, 32, chunk=2)
     assert whole.dtype == torch.uint8 and whole.shape == (5, 3, 32, 32)
     assert torch.equal(whole, chunked)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Fingerprints: the keys of the on-disk decoded cache follow the files.
+
+
+def _touch_later(path: Path) -> None:
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+
+
+def test_cifar_fingerprint_follows_files(cifar_root: Path) -> None:
+    src = get_source("cifar100")
+    fp = src.fingerprint("train", cifar_root)
+    assert fp == src.fingerprint("train", cifar_root)
+    assert src.fingerprint("test", cifar_root) != fp
+    _touch_later(cifar_root / "cifar-100-python" / "meta")
+    assert src.fingerprint("train", cifar_root) != fp
+    (cifar_root / "cifar-100-python" / "train").unlink()
+    with pytest.raises(DataMissingError, match="cifar-100-python/train"):
+        src.fingerprint("train", cifar_root)
+
+
+def test_tinyimagenet_fingerprint_follows_files(tiny_root: Path) -> None:
+    src = get_source("tinyimagenet")
+    fp_train, fp_val = src.fingerprint("train", tiny_root), src.fingerprint("val", tiny_root)
+    assert fp_train != fp_val and src.fingerprint("train", tiny_root) == fp_train
+    _jpeg(tiny_root / "tiny-imagenet-200" / "train" / "n03" / "images" / "n03_0.JPEG", (1, 2, 3))
+    _touch_later(tiny_root / "tiny-imagenet-200" / "train" / "n03" / "images" / "n03_0.JPEG")
+    assert src.fingerprint("train", tiny_root) != fp_train
+    assert src.fingerprint("val", tiny_root) == fp_val
+    ann = tiny_root / "tiny-imagenet-200" / "val" / "val_annotations.txt"
+    ann.write_text(ann.read_text() + "\n")
+    assert src.fingerprint("val", tiny_root) != fp_val
+
+
+def test_disk_cache_serves_a_fresh_process(tiny_root: Path, monkeypatch: pytest.MonkeyPatch,
+                                           tmp_path: Path) -> None:
+    monkeypatch.setenv("OSSLBENCH_CACHE", str(tmp_path / "cache"))
+    first = load_split("tinyimagenet:train", tiny_root, image_size=32)
+    cache_clear()  # as if a new process
+    src = get_source("tinyimagenet")
+    monkeypatch.setattr(type(src), "load", lambda *a: pytest.fail("decoded again instead of read from cache"))
+    second = load_split("tinyimagenet:train", tiny_root, image_size=32)
+    assert torch.equal(first.images, second.images) and torch.equal(first.labels, second.labels)
+    assert second.classes == tuple(WNIDS)

@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 from osslbench.data.images import ImageSet
-from osslbench.errors import ConfigError
+from osslbench.errors import ConfigError, DataMissingError
+from osslbench.sources import cache
 from osslbench.sources.base import Source
 
 __all__ = [
@@ -123,7 +124,7 @@ _cache_lock = threading.RLock()
 
 
 def cache_clear() -> None:
-    """Drop every cached image set (e.g. in tests, or to free memory)."""
+    """Drop every image set cached in this process (e.g. in tests, or to free memory); the disk cache stays."""
     with _cache_lock:
         _cache.clear()
 
@@ -142,10 +143,46 @@ def _cache_put(key: tuple[str, str, int | None], value: ImageSet) -> None:
         _cache.popitem(last=False)
 
 
+def _fingerprint(source: Source, split: str, root: Path, download: bool) -> str | None:
+    """The source's fingerprint of ``split``; ``None`` when it has none, or when its files are absent but
+    ``download`` is on (then the load below fetches them and the fingerprint is taken afterwards)."""
+    try:
+        return source.fingerprint(split, root)
+    except DataMissingError:
+        if download:
+            return None
+        raise
+
+
+def _decode(source: Source, split: str, root: Path, size: int | None, download: bool) -> ImageSet:
+    """Decode (and resize) a split through the on-disk cache (:mod:`osslbench.sources.cache`)."""
+    name = f"{source.name}:{split}"
+    pixels = size or source.native_size
+    fp = _fingerprint(source, split, root, download)
+    entry = cache.entry_dir(source.name, split, pixels, fp) if fp else None
+    if entry is not None:
+        hit = cache.read_entry(entry, name)
+        if hit is not None:
+            return hit
+    native = source.load(split, root, download)
+    out = native if size is None else ImageSet(
+        images=resize_images(native.images, size), labels=native.labels, classes=native.classes, name=name)
+    if fp is None and download:
+        fp = source.fingerprint(split, root)
+        entry = cache.entry_dir(source.name, split, pixels, fp) if fp else None
+    if entry is not None:
+        cache.write_entry(entry, out)
+    return out
+
+
 def load_split(
     spec: str, root: str | Path, image_size: int | None = None, download: bool = False
 ) -> ImageSet:
     """Load the split named by ``spec`` (``"<source>:<split>"``) from the data root ``root``.
+
+    The first load of a split decodes its files and stores the decoded (and resized) arrays in the on-disk
+    cache (:mod:`osslbench.sources.cache`); later loads, in any process, memory-map them. Within a process,
+    loaded sets are also kept in memory.
 
     :param image_size: resize every image to ``image_size`` x ``image_size`` (bilinear, antialiased, uint8 kept)
         when it differs from the source's native size; ``None`` keeps the native size.
@@ -162,20 +199,10 @@ def load_split(
         image_size = int(image_size)
     size = None if image_size is None or image_size == source.native_size else image_size
     resolved = Path(root).expanduser().resolve()
-    name = f"{source.name}:{split}"
-    key = (name, str(resolved), size)
+    key = (f"{source.name}:{split}", str(resolved), size)
     with _cache_lock:
         hit = _cache_get(key)
-        if hit is not None:
-            return hit
-        native = _cache_get((name, str(resolved), None))
-        if native is None:
-            native = source.load(split, resolved, download)
-            if size is None:
-                _cache_put(key, native)
-                return native
-        resized = ImageSet(
-            images=resize_images(native.images, size), labels=native.labels, classes=native.classes, name=name
-        )
-        _cache_put(key, resized)
-        return resized
+        if hit is None:
+            hit = _decode(source, split, resolved, size, download)
+            _cache_put(key, hit)
+        return hit

@@ -45,6 +45,16 @@ class Source:
         """Describe, in a short phrase, the files this source expects under ``root`` (for error messages)."""
         raise NotImplementedError
 
+    def fingerprint(self, split: str, root: Path) -> str | None:
+        """A cheap checksum of the files ``split`` is decoded from, the key of the on-disk decoded cache
+        (:mod:`osslbench.sources.cache`): it must change whenever those files change.
+
+        ``None`` (the default) means "do not cache on disk" (sources that decode in milliseconds, or whose
+        files cannot be summarised cheaply). Called before :meth:`load` (and again after a ``download``); when
+        the files are absent it raises :class:`DataMissingError` with the same message :meth:`load` would.
+        """
+        return None
+
     def check_split(self, split: str) -> None:
         """Raise :class:`ConfigError` unless ``split`` is one of :attr:`splits`."""
         if split not in self.splits:

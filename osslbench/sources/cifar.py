@@ -23,6 +23,7 @@ expose them for class splits by superclass.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import pickle
 from pathlib import Path
@@ -153,6 +154,23 @@ class _CifarSource(Source):
                 f"{self.name}: download of {tv.url} into {root} failed ({type(exc).__name__}: {exc}); "
                 f"download and extract it by hand so that {self.expected_files(root)} exist"
             ) from exc
+
+    def fingerprint(self, split: str, root: Path) -> str:
+        """The official MD5s of the split's files plus their sizes and modification times (no rehashing: a
+        changed file changes its stat, and the load that follows verifies its MD5)."""
+        folder = self.folder(Path(root))
+        md5s = CIFAR_MD5[self.name]
+        parts = []
+        for fname in [*self.split_files(split), self.meta_file]:
+            try:
+                st = (folder / fname).stat()
+            except OSError:
+                raise DataMissingError(
+                    f"{self.name}: missing {folder / fname} (expected {self.expected_files(root)}); "
+                    + self._how_to_get(root)
+                ) from None
+            parts.append(f"{fname}:{md5s[fname]}:{st.st_size}:{st.st_mtime_ns}")
+        return hashlib.sha1("|".join(parts).encode()).hexdigest()
 
     # -- loading -------------------------------------------------------------------------------------
     def _reader_class(self) -> type[CIFAR10]:
