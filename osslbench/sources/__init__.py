@@ -164,9 +164,7 @@ def _decode(source: Source, split: str, root: Path, size: int | None, download: 
         hit = cache.read_entry(entry, name)
         if hit is not None:
             return hit
-    native = source.load(split, root, download)
-    out = native if size is None else ImageSet(
-        images=resize_images(native.images, size), labels=native.labels, classes=native.classes, name=name)
+    out = source.load(split, root, download) if size is None else source.load_resized(split, root, download, size)
     if fp is None and download:
         fp = source.fingerprint(split, root)
         entry = cache.entry_dir(source.name, split, pixels, fp) if fp else None

@@ -41,6 +41,18 @@ class Source:
         """
         raise NotImplementedError
 
+    def load_resized(self, split: str, root: Path, download: bool, size: int) -> ImageSet:
+        """:meth:`load`, resized to ``size`` x ``size`` (bilinear, antialiased, uint8 kept).
+
+        Sources of many large images override this to resize chunk by chunk while decoding, so the split
+        never exists at its native size in memory (Places365 train: 1.8 M images, 354 GB at 256x256).
+        """
+        from osslbench.sources import resize_images
+
+        native = self.load(split, root, download)
+        return ImageSet(images=resize_images(native.images, size), labels=native.labels, classes=native.classes,
+                        name=native.name)
+
     def expected_files(self, root: Path) -> str:
         """Describe, in a short phrase, the files this source expects under ``root`` (for error messages)."""
         raise NotImplementedError
@@ -54,6 +66,14 @@ class Source:
         the files are absent it raises :class:`DataMissingError` with the same message :meth:`load` would.
         """
         return None
+
+    def superclasses(self, root: Path) -> tuple[list[int], tuple[str, ...]]:
+        """``(m, names)``: ``m[c]`` is the superclass index of class ``c``, ``names`` the superclass names
+        (CIFAR-100's 20 coarse labels), for seen-class splits by superclass (``split.seen_superclasses``).
+
+        :raises ConfigError: the source has no superclasses (the default).
+        """
+        raise ConfigError(f"source {self.name!r} has no superclasses (split.seen_superclasses needs e.g. cifar100)")
 
     def check_split(self, split: str) -> None:
         """Raise :class:`ConfigError` unless ``split`` is one of :attr:`splits`."""

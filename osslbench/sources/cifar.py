@@ -222,6 +222,13 @@ class Cifar100Source(_CifarSource):
     description = "CIFAR-100 (Krizhevsky 2009), 100 classes, 50,000 train / 10,000 test, 32x32 RGB"
     tv_class = CIFAR100
 
+    def superclasses(self, root: Path) -> tuple[list[int], tuple[str, ...]]:
+        """The 20 coarse labels of the files (fine class -> superclass read from the labels, names from ``meta``)."""
+        mapping = cifar100_fine_to_coarse(root)
+        if (mapping < 0).any():
+            raise DataCorruptError(f"cifar100: class {int(np.argmax(mapping < 0))} has no image in {self.folder(root)}")
+        return mapping.tolist(), cifar100_coarse_classes(root)
+
 
 class Cifar10Source(_CifarSource):
     """CIFAR-10 (Krizhevsky 2009): 10 classes, 50,000 train / 10,000 test, 32x32 RGB."""
