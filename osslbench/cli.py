@@ -41,6 +41,8 @@ def parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run protocol x methods x seeds and print the leaderboard")
     _common(run)
     _data_root(run)
+    run.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
+                     help="run every value of a protocol key, e.g. mismatch=0,0.25,0.5,0.75,1 (repeat for a grid)")
     run.add_argument("--methods", default=None, help="comma-separated names or 'all' (default: the protocol's list)")
     run.add_argument("--seeds", default=None, help="comma-separated seeds (default: the protocol's)")
     run.add_argument("--out", type=Path, default=Path("results"), help="output folder (default: ./results)")
@@ -86,12 +88,13 @@ def _seeds(text: str | None, default: list[int]) -> list[int]:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from .protocol import load_protocol
     from .registry import resolve_method_names
     from .results import markdown, write_leaderboard
     from .runner import RunOptions, preflight, run_grid
+    from .sweep import sweep_protocols
 
-    protocol = load_protocol(args.protocol, args.scale, parse_overrides(args.overrides))
+    points = sweep_protocols(args.protocol, args.scale, parse_overrides(args.overrides), args.sweep)
+    protocol = points[0]
     methods = resolve_method_names(args.methods, protocol)
     seeds = _seeds(args.seeds, protocol.seeds)
     if args.jobs < 1 or args.threads < 0:
@@ -99,11 +102,13 @@ def cmd_run(args: argparse.Namespace) -> None:
     opts = RunOptions(data_root=args.data_root, out=args.out, teacher=args.teacher, device=args.device,
                       jobs=args.jobs, cluster=args.cluster, threads=args.threads, download=args.download,
                       overwrite=args.overwrite, progress=not args.quiet)
-    preflight(protocol, methods, seeds, opts)
+    for point in points:
+        preflight(point, methods, seeds, opts)
     t0 = time.perf_counter()
-    print(f"osslbench: {protocol.name} [{protocol.scale}] methods={','.join(methods)} seeds={seeds} -> {args.out}",
-          file=sys.stderr)
-    run_grid(protocol, methods, seeds, opts)
+    swept = f" sweep={' '.join(args.sweep)}" if args.sweep else ""
+    print(f"osslbench: {protocol.name} [{protocol.scale}]{swept} methods={','.join(methods)} seeds={seeds} -> "
+          f"{args.out}", file=sys.stderr)
+    run_grid(points, methods, seeds, opts)
     table = write_leaderboard(args.out, protocol.name)
     print(markdown(table[table["scale"] == protocol.scale]))
     print(f"osslbench: done in {time.perf_counter() - t0:.0f} s; {args.out / protocol.name / 'leaderboard.csv'}",

@@ -123,10 +123,19 @@ def build(cls: type[T], data: dict[str, Any], where: str) -> T:
         raise ConfigError(f"{where}: {exc}") from None
 
 
+#: Field metadata of config keys added after results were published: such a key is left out of trees (hence of
+#: config hashes) while it holds its default, so every earlier result keeps its hash and stays reusable.
+ADDED_LATER = {"omit_at_default": True}
+
+
+def _omitted(obj: Any, f: dataclasses.Field) -> bool:
+    return bool(f.metadata.get("omit_at_default")) and getattr(obj, f.name) == f.default
+
+
 def as_tree(obj: Any) -> Any:
-    """A dataclass (or nested containers of them) as a JSON-ready tree."""
+    """A dataclass (or nested containers of them) as a JSON-ready tree (see :data:`ADDED_LATER`)."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: as_tree(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {f.name: as_tree(getattr(obj, f.name)) for f in dataclasses.fields(obj) if not _omitted(obj, f)}
     if isinstance(obj, dict):
         return {str(k): as_tree(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):

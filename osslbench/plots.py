@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import matplotlib
+import pandas as pd
 
 matplotlib.use("Agg")  # files only; no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
@@ -52,15 +53,41 @@ def plot_curves(folder: Path, path: Path, title: str) -> Path:
     return path
 
 
+def plot_sweep(table, key: str, path: Path, title: str) -> Path:
+    """Top-1 (last epoch) and AUROC against a swept key, one line per method (Oliver et al. 2018, Fig. 2)."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, metric, label in ((axes[0], "top1_last", "top-1 (%) last epoch"), (axes[1], "auroc_last", "AUROC (%)")):
+        for method, rows in table.sort_values(key).groupby("method"):
+            ax.errorbar(rows[key], rows[metric], yerr=rows.get(f"{metric}_std"), marker="o", capsize=3, label=method)
+        ax.set_xlabel(key.removeprefix("sweep_"))
+        ax.set_ylabel(label)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_all(out: Path, protocol: str | None = None) -> list[Path]:
-    """Every (protocol, scale) found under ``out``: ``<out>/<protocol>/<scale>_leaderboard.png`` and ``_curves.png``."""
+    """Every (protocol, scale, sweep point) under ``out``: ``<out>/<protocol>/<scale>[_<point>]_leaderboard.png``
+    and ``_curves.png``, plus ``<scale>_sweep_<key>.png`` for a protocol swept over one key."""
     runs = collect(out, protocol)
     if runs.empty:
         raise OsslbenchError(f"no results under {out}" + (f" for protocol {protocol}" if protocol else ""))
     table = leaderboard(runs)
     paths = []
     for (proto, scale), part in table.groupby(["protocol", "scale"]):
-        title = f"{proto} [{scale}]"
-        paths.append(plot_leaderboard(part, out / proto / f"{scale}_leaderboard.png", title))
-        paths.append(plot_curves(out / proto / scale, out / proto / f"{scale}_curves.png", title))
+        swept = [c for c in part.columns if c.startswith("sweep_") and part[c].notna().any()]
+        points = part.groupby(swept, dropna=False) if swept else [((), part)]
+        for values, rows in points:
+            values = values if isinstance(values, tuple) else (values,)
+            point = ",".join(f"{k.removeprefix('sweep_')}={v}" for k, v in zip(swept, values, strict=True) if pd.notna(v))
+            title = f"{proto} [{scale}]" + (f" {point}" if point else "")
+            stem = f"{scale}_{point}" if point else scale
+            paths.append(plot_leaderboard(rows, out / proto / f"{stem}_leaderboard.png", title))
+            folder = out / proto / scale / point if point else out / proto / scale
+            paths.append(plot_curves(folder, out / proto / f"{stem}_curves.png", title))
+        if len(swept) == 1:
+            paths.append(plot_sweep(part, swept[0], out / proto / f"{scale}_{swept[0]}.png", f"{proto} [{scale}]"))
     return paths

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .config import build, deep_merge
+from .config import ADDED_LATER, build, deep_merge
 from .errors import ConfigError
 
 # CIFAR-100 channel statistics used by RepDistiller and the SRD code for every image,
@@ -62,6 +62,10 @@ class SplitConfig:
 
     :param seen_classes: the classes that are labelled: ``"all"``, or a list of class indices or
         names of the labelled source.
+    :param seen_superclasses: when > 0, the seen classes are every class of the first
+        ``seen_superclasses`` superclasses of the labelled source, in superclass-label order: CIFAR-100
+        10 -> 50 seen classes, 11 -> 55, 16 -> 80, 4 -> 20 (OpenMatch, Saito et al. 2021; IOMatch, Li et
+        al. 2023; SSB, Fan et al. 2023). Excludes ``seen_classes``.
     :param labels_per_class: labelled images per seen class, or ``"all"`` (SRD paper: all 500).
     :param unlabelled: size of the unlabelled pool, or ``"all"``.
     :param mismatch: fraction of the unlabelled pool drawn from unseen classes (exact counts:
@@ -70,11 +74,16 @@ class SplitConfig:
     """
 
     seen_classes: list[int | str] | Literal["all"] = "all"
+    seen_superclasses: int = field(default=0, metadata=ADDED_LATER)
     labels_per_class: int | Literal["all"] = "all"
     unlabelled: int | Literal["all"] = "all"
     mismatch: float | Literal["natural"] = "natural"
 
     def __post_init__(self) -> None:
+        if self.seen_superclasses < 0:
+            raise ValueError(f"seen_superclasses = {self.seen_superclasses} must be >= 0")
+        if self.seen_superclasses and self.seen_classes != "all":
+            raise ValueError("give seen_classes or seen_superclasses, not both")
         if isinstance(self.mismatch, float) and not 0.0 <= self.mismatch <= 1.0:
             raise ValueError(f"mismatch = {self.mismatch} is outside [0, 1]")
         if isinstance(self.labels_per_class, int) and self.labels_per_class < 1:
@@ -174,6 +183,17 @@ class Protocol:
     method: dict[str, Any] = field(default_factory=dict)  # per-method config tables, validated by each method
     source_file: str = ""
     scales: list[str] = field(default_factory=list)
+    sweep: dict[str, Any] = field(default_factory=dict)  # the point of a --sweep (osslbench.sweep), e.g. {"mismatch": 0.5}
+
+    @property
+    def variant(self) -> str:
+        """The sweep point as a folder name, ``"mismatch=0.5"`` (empty outside a sweep)."""
+        return ",".join(f"{k}={v}" for k, v in self.sweep.items())
+
+    def folder(self, out: Path) -> Path:
+        """Where this protocol's runs live: ``<out>/<protocol>/<scale>[/<sweep point>]``."""
+        base = out / self.name / self.scale
+        return base / self.variant if self.sweep else base
 
     def method_tree(self, name: str) -> dict[str, Any]:
         """The ``[method.<name>]`` table of this protocol (empty when absent)."""
@@ -184,7 +204,7 @@ class Protocol:
 
 
 _TOP_KEYS = {"description", "paper", "default_scale", "scales", "data", "split", "models", "train", "optim",
-             "methods", "seeds", "method"}
+             "methods", "seeds", "method", "extends"}
 
 
 def builtin_dir() -> Path:
@@ -224,6 +244,24 @@ def read_tree(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
 
 
+def _resolved_tree(path: Path, where: str, chain: list[Path]) -> dict[str, Any]:
+    """The file's tree merged over the protocol it ``extends`` (a built-in name), recursively: a family of
+    protocols (CIFAR-100 seen 50 / 55 / 80 / 20) is one file plus one small file per member."""
+    tree = read_tree(path)
+    unknown = sorted(set(tree) - _TOP_KEYS)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(_TOP_KEYS))})")
+    parent = tree.pop("extends", None)
+    if parent is None:
+        return tree
+    if not isinstance(parent, str):
+        raise ConfigError(f"{where}: extends must be the name of a built-in protocol")
+    base = find_protocol(parent)
+    if base.resolve() in chain or base.resolve() == path.resolve():
+        raise ConfigError(f"{where}: extends {parent!r} forms a cycle")
+    return deep_merge(_resolved_tree(base, f"protocols/{base.name}", [*chain, path.resolve()]), tree)
+
+
 def load_protocol(name: str, scale: str | None = None, overrides: dict[str, Any] | None = None) -> Protocol:
     """Load, merge and validate a protocol.
 
@@ -232,11 +270,8 @@ def load_protocol(name: str, scale: str | None = None, overrides: dict[str, Any]
     :param overrides: a tree from ``--set`` (:func:`osslbench.config.parse_overrides`), applied last.
     """
     path = find_protocol(name)
-    tree = read_tree(path)
     where = str(path) if name.endswith(".toml") else f"protocols/{path.name}"
-    unknown = sorted(set(tree) - _TOP_KEYS)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(_TOP_KEYS))})")
+    tree = _resolved_tree(path, where, [])
     scales = tree.pop("scales", {})
     if not isinstance(scales, dict) or any(not isinstance(v, dict) for v in scales.values()):
         raise ConfigError(f"{where}: scales must be tables, e.g. [scales.mini]")

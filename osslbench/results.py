@@ -9,14 +9,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .protocol import Protocol
+
 RESULT = "result.json"
 # Columns averaged over seeds (mean and std), in leaderboard order.
 METRICS = ["top1_last", "top1_lastk", "top5_last", "auroc_last", "auroc_lastk", "train_s", "hook_s"]
 
 
-def run_dir(out: Path, protocol: str, scale: str, method: str, seed: int) -> Path:
-    """``<out>/<protocol>/<scale>/<method>/seed<k>``: where a run keeps everything it writes."""
-    return out / protocol / scale / method / f"seed{seed}"
+def run_dir(out: Path, protocol: Protocol, method: str, seed: int) -> Path:
+    """``<out>/<protocol>/<scale>[/<sweep point>]/<method>/seed<k>``: where a run keeps everything it writes."""
+    return protocol.folder(out) / method / f"seed{seed}"
 
 
 def versions() -> dict[str, str]:
@@ -46,14 +48,20 @@ def write_result(path: Path, result: dict) -> None:
 def collect(out: Path, protocol: str | None = None) -> pd.DataFrame:
     """One row per student run found under ``out`` (teachers excluded)."""
     rows = []
-    for path in sorted(out.glob(f"{protocol or '*'}/*/*/seed*/{RESULT}")):
-        r = json.loads(path.read_text())
-        if r.get("role") != "student":
-            continue
-        row = {"protocol": r["protocol"], "scale": r["scale"], "method": r["method"], "seed": r["seed"],
-               "config_hash": r["config_hash"], "teacher_top1": r.get("teacher", {}).get("top1"),
-               **{k: v for k, v in r.get("sweep", {}).items()}, **r["metrics"]}
-        rows.append(row)
+    for folder in sorted(out.glob(protocol or "*")):
+        for path in sorted(folder.rglob(f"seed*/{RESULT}")):
+            r = json.loads(path.read_text())
+            if r.get("role") != "student":
+                continue
+            sizes = r.get("split", {})
+            pool = sizes.get("unlabelled_seen", 0) + sizes.get("unlabelled_unseen", 0)
+            rows.append({"protocol": r["protocol"], "scale": r["scale"],
+                         **{f"sweep_{k}": v for k, v in r.get("sweep", {}).items()},
+                         "method": r["method"], "seed": r["seed"], "config_hash": r["config_hash"],
+                         "teacher_top1": r.get("teacher", {}).get("top1"),
+                         # the unlabelled pool's real fraction of unseen-class images
+                         "mismatch": sizes.get("unlabelled_unseen", 0) / pool if pool else float("nan"),
+                         **r["metrics"]})
     return pd.DataFrame(rows)
 
 
@@ -68,6 +76,7 @@ def leaderboard(runs: pd.DataFrame) -> pd.DataFrame:
     table.columns = [f"{m}" if s == "mean" else f"{m}_std" for m, s in table.columns]
     table["seeds"] = grouped["seed"].nunique()
     table["teacher_top1"] = grouped["teacher_top1"].mean()
+    table["mismatch"] = grouped["mismatch"].mean()
     table["config_hashes"] = grouped["config_hash"].agg(lambda s: ",".join(sorted(set(s))))
     table = table.reset_index().sort_values([*keys[:-1], "top1_last"], ascending=[True] * (len(keys) - 1) + [False])
     return table.round(2)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,7 +27,7 @@ from .teacher import get_teacher, teacher_config
 from .trainer import Schedule, Trainer, pick_device, seeded_init, summarize
 
 # Protocol keys that do not change a run's outcome, left out of its config hash.
-_NOT_HASHED = {"description", "paper", "methods", "seeds", "scales", "source_file", "method"}
+_NOT_HASHED = {"description", "paper", "methods", "seeds", "scales", "source_file", "method", "sweep"}
 
 
 @dataclass
@@ -64,7 +64,7 @@ def run_one(protocol: Protocol, method: str, seed: int, opts: RunOptions) -> dic
     cfg, optim = method_config(cls, protocol)
     tree = run_config(protocol, method, seed, opts.teacher)
     h = config_hash(tree)
-    folder = run_dir(opts.out, protocol.name, protocol.scale, method, seed)
+    folder = run_dir(opts.out, protocol, method, seed)
     done = read_result(folder / RESULT)
     if done is not None and done["config_hash"] == h:
         return done
@@ -91,7 +91,8 @@ def run_one(protocol: Protocol, method: str, seed: int, opts: RunOptions) -> dic
     if len(history) < protocol.train.epochs:
         return {"incomplete": True, "epochs_done": len(history)}
     result = {
-        "role": "student", "protocol": protocol.name, "scale": protocol.scale, "method": method, "seed": seed,
+        "role": "student", "protocol": protocol.name, "scale": protocol.scale, "sweep": protocol.sweep,
+        "method": method, "seed": seed,
         "config_hash": h, "config": tree, "teacher": teacher_record, "metrics": summarize(history, protocol.train.last_k),
         "split": splits.summary()["sizes"], "wall_s": time.perf_counter() - t0, "device": str(device),
         "threads": torch.get_num_threads(), "finished": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -159,11 +160,13 @@ def preflight(protocol: Protocol, methods: list[str], seeds: list[int], opts: Ru
         load_state(build_model(protocol.models.teacher, len(splits.seen_classes), in_channels), opts.teacher)
 
 
-def run_grid(protocol: Protocol, methods: list[str], seeds: list[int], opts: RunOptions) -> list[dict]:
-    """Every (method, seed) of ``protocol``: teachers first (one per seed, shared by all methods)."""
+def run_grid(protocol: Protocol | Sequence[Protocol], methods: list[str], seeds: list[int],
+             opts: RunOptions) -> list[dict]:
+    """Every (sweep point, method, seed): teachers first (one per point and seed, shared by all methods)."""
+    points = [protocol] if isinstance(protocol, Protocol) else list(protocol)
     if opts.jobs > 1 or opts.cluster:
         opts = RunOptions(**{**opts.__dict__, "progress": False})
     need_teacher = any(get_method(m).needs_teacher for m in methods) and not opts.teacher
     if need_teacher:
-        _execute([(_teacher_job, protocol, s, opts) for s in seeds], opts, "teachers")
-    return _execute([(run_one, protocol, m, s, opts) for s in seeds for m in methods], opts, "runs")
+        _execute([(_teacher_job, p, s, opts) for p in points for s in seeds], opts, "teachers")
+    return _execute([(run_one, p, m, s, opts) for p in points for s in seeds for m in methods], opts, "runs")

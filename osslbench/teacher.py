@@ -41,7 +41,7 @@ def teacher_config(protocol: Protocol, seed: int) -> dict:
 
 
 def teacher_dir(out: Path, protocol: Protocol, seed: int) -> Path:
-    return out / protocol.name / protocol.scale / f"teacher-{protocol.models.teacher}" / f"seed{seed}"
+    return protocol.folder(out) / f"teacher-{protocol.models.teacher}" / f"seed{seed}"
 
 
 def _build(protocol: Protocol, data: RunData, seed: int) -> Net:
@@ -96,6 +96,7 @@ def get_teacher(protocol: Protocol, seed: int, data: RunData, out: Path, device:
     model = model.cpu().to(memory_format=torch.contiguous_format)
     atomic_write_bytes(folder / WEIGHTS, lambda p: torch.save({"model": model.state_dict(), "arch": model.arch}, p))
     write_result(folder / RESULT, {"role": "teacher", "protocol": protocol.name, "scale": protocol.scale,
+                                   "sweep": protocol.sweep,
                                    "seed": seed, "config_hash": h, "config": cfg, "teacher": record,
                                    "metrics": summary, "wall_s": time.perf_counter() - t0, "versions": versions()})
     (folder / "checkpoint.pt").unlink(missing_ok=True)  # teacher.pt is the cache; the checkpoint was for resume

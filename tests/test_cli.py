@@ -41,6 +41,9 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
         (["run", "--methods", "srd", "--teacher", "missing.pth"], "does not exist"),
         (["run", "--bogus-flag"], "unrecognized arguments"),
         (["list", "things"], "invalid choice"),
+        (["run", "--sweep", "mismatsch=0,1"], "--sweep: unknown key 'mismatsch'"),
+        (["run", "--sweep", "mismatch=0,2"], "mismatch = 2.0 is outside [0, 1]"),
+        (["run", "--protocol", "cifar100-seen50", "--scale", "smoke"], "cifar-100-python"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(capsys, tmp_path, monkeypatch, argv, fragment):
@@ -109,6 +112,36 @@ def test_end_to_end_smoke_run_and_leaderboard(capsys, tmp_path):
     assert code == 0 and printed.splitlines()[0] == table[0]
     code, printed, _ = run_cli(capsys, "plot", "--out", str(out))
     assert code == 0 and all(Path(p).exists() for p in printed.split())
+
+
+def test_sweep_runs_every_point_and_keeps_the_ratio(capsys, tmp_path):
+    out = tmp_path / "out"
+    code, printed, err = run_cli(capsys, "run", "--out", str(out), "--methods", "supervised,kd",
+                                 "--sweep", "mismatch=0,1", *SMOKE)
+    assert code == 0, err
+    import pandas as pd
+
+    table = pd.read_csv(out / "digits-openset" / "leaderboard.csv")
+    assert sorted(zip(table["sweep_mismatch"], table["method"], strict=True)) == [
+        (0.0, "kd"), (0.0, "supervised"), (1.0, "kd"), (1.0, "supervised")]
+    assert (table["mismatch"] == table["sweep_mismatch"]).all()  # the pools really have those ratios
+    for r in ("0.0", "1.0"):
+        point = out / "digits-openset" / "smoke" / f"mismatch={r}"
+        assert (point / "kd" / "seed0" / "result.json").exists()
+        assert (point / "teacher-cnn-large" / "seed0" / "teacher.pt").exists()
+        result = json.loads((point / "kd" / "seed0" / "result.json").read_text())
+        assert result["sweep"] == {"mismatch": float(r)}
+        assert result["config"]["protocol"]["split"]["mismatch"] == float(r)
+    code, printed, _ = run_cli(capsys, "plot", "--out", str(out))
+    names = sorted(Path(p).name for p in printed.split())
+    assert code == 0 and "smoke_sweep_mismatch.png" in names and "smoke_mismatch=0.0_curves.png" in names
+    # a second identical command finds every result and trains nothing
+    results = sorted(out.rglob("result.json"))
+    stamps = [p.stat().st_mtime_ns for p in results]
+    code, _, err = run_cli(capsys, "run", "--out", str(out), "--methods", "supervised,kd",
+                           "--sweep", "mismatch=0,1", *SMOKE)
+    assert code == 0 and len(results) == 6  # 2 points x (teacher + 2 methods)
+    assert [p.stat().st_mtime_ns for p in results] == stamps
 
 
 @pytest.mark.slow

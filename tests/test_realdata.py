@@ -62,3 +62,50 @@ def test_tinyimagenet_real() -> None:
     small = load_split("tinyimagenet:train", DATA, image_size=32)
     assert small.images.shape == (n_train, 3, 32, 32) and small.images.dtype == torch.uint8
     assert len(read_words(DATA)) == len(wnids)
+
+
+@needs_cifar
+def test_seen50_on_the_real_superclasses() -> None:
+    """The first 10 superclasses of the real files: 50 classes, aquatic mammals .. large natural outdoor scenes."""
+    from osslbench.data.dataset import make_splits
+    from osslbench.protocol import load_protocol
+
+    s = make_splits(load_protocol("cifar100-seen50", "mini"), 0, DATA)
+    names = [s.class_names[c] for c in s.seen_classes]
+    assert len(names) == 50 and {"beaver", "dolphin", "otter", "seal", "whale", "aquarium_fish", "flatfish"} <= set(names)
+    coarse = cifar100_coarse_classes(DATA)
+    mapping = cifar100_fine_to_coarse(DATA)
+    assert {coarse[mapping[c]] for c in s.seen_classes} == set(coarse[:10])
+    assert s.summary()["sizes"] == {"labelled": 1250, "unlabelled_seen": 23750, "unlabelled_unseen": 25000,
+                                    "test": 5000, "outlier_test": 5000}
+
+
+@needs_cifar
+@needs_tiny
+def test_decoded_cache_on_real_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """First use decodes and stores; a fresh process (in-memory cache cleared) memory-maps identical pixels."""
+    from osslbench.sources import cache_clear
+
+    monkeypatch.setenv("OSSLBENCH_CACHE", str(tmp_path))
+    for spec, size in (("cifar100:test", None), ("tinyimagenet:val", 32)):
+        cache_clear()
+        first = load_split(spec, DATA, image_size=size)
+        cache_clear()
+        second = load_split(spec, DATA, image_size=size)
+        assert second is not first
+        assert torch.equal(first.images, second.images) and torch.equal(first.labels, second.labels)
+        assert first.classes == second.classes
+    assert len(list(tmp_path.glob("*/*/images.npy"))) == 2
+
+
+@needs_cifar
+@needs_tiny
+def test_overlap_count_on_real_tinyimagenet() -> None:
+    from osslbench.data.dataset import make_splits, splits_report
+    from osslbench.protocol import load_protocol
+
+    p = load_protocol("cifar100-tinyimagenet", "mini")
+    s = make_splits(p, 0, DATA)
+    overlap = splits_report(p, s, DATA)["unlabelled_in_labelled_classes"]
+    per_class = len(s.unlabelled_unseen) // 200  # the local subset has the same count in every class
+    assert overlap["shared_classes"] == 37 and overlap["images_in_shared_classes"] == 37 * per_class

@@ -9,8 +9,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..errors import ConfigError
 from ..protocol import Protocol
-from ..sources import load_split
+from ..sources import load_split, parse_spec
+from .overlap import overlap_report
 from .splits import Splits, build_splits
 
 
@@ -50,9 +52,31 @@ def labels_fn(protocol: Protocol, root: str | Path, download: bool = False):
     return labels_of
 
 
+def superclasses_fn(root: str | Path):
+    """``spec -> (superclass of each class, names)`` for :func:`build_splits`."""
+
+    def superclasses_of(spec: str) -> tuple[list[int], tuple[str, ...]]:
+        source, _ = parse_spec(spec)
+        return source.superclasses(Path(root))
+
+    return superclasses_of
+
+
+def check_sources(protocol: Protocol) -> None:
+    """Every ``data`` spec names a known source and one of its splits (the error names the file and key)."""
+    for key in ("labelled", "test", "unlabelled", "outlier_test"):
+        spec = getattr(protocol.data, key)
+        if spec or key in ("labelled", "test"):
+            try:
+                parse_spec(spec)
+            except ConfigError as exc:
+                raise ConfigError(f"{protocol.source_file}: data.{key}: {exc}") from None
+
+
 def make_splits(protocol: Protocol, seed: int, root: str | Path, download: bool = False) -> Splits:
     """The protocol's index sets for ``seed``."""
-    return build_splits(protocol, seed, labels_fn(protocol, root, download))
+    check_sources(protocol)
+    return build_splits(protocol, seed, labels_fn(protocol, root, download), superclasses_fn(root))
 
 
 def splits_report(protocol: Protocol, splits: Splits, root: str | Path, download: bool = False) -> dict:
@@ -63,7 +87,14 @@ def splits_report(protocol: Protocol, splits: Splits, root: str | Path, download
         labels, names = labels_of(splits.sources[role])
         present = np.unique(labels[getattr(splits, role)]) if len(getattr(splits, role)) else []
         classes[role] = [names[c] for c in present]
-    return {**splits.summary(), "classes": classes}
+    report = {**splits.summary(), "classes": classes}
+    labelled_src, foreign_src = (splits.sources[k].split(":")[0] for k in ("labelled", "unlabelled_unseen"))
+    if foreign_src != labelled_src:
+        labels, names = labels_of(splits.sources["unlabelled_unseen"])
+        overlap = overlap_report(labelled_src, foreign_src, labels[splits.unlabelled_unseen], names)
+        if overlap:
+            report["unlabelled_in_labelled_classes"] = overlap
+    return report
 
 
 def load_run_data(protocol: Protocol, splits: Splits, root: str | Path, download: bool = False) -> RunData:

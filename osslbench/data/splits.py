@@ -18,6 +18,8 @@ from ..protocol import Protocol
 
 LabelsFn = Callable[[str], tuple[np.ndarray, tuple[str, ...]]]
 """``spec -> (labels, class names)`` of a source split, e.g. ``"cifar100:train"``."""
+SuperclassesFn = Callable[[str], tuple[list[int], tuple[str, ...]]]
+"""``spec -> (superclass of each class, superclass names)`` (:meth:`osslbench.sources.base.Source.superclasses`)."""
 
 
 @dataclass
@@ -93,12 +95,36 @@ def _take(rng: np.random.Generator, pool: np.ndarray, n: int, where: str, what: 
     return np.sort(rng.choice(pool, size=n, replace=False)) if n < len(pool) else np.sort(pool)
 
 
-def build_splits(protocol: Protocol, seed: int, labels_of: LabelsFn) -> Splits:
-    """Draw the index sets of ``protocol`` for ``seed`` (same seed, same indices)."""
+def _superclass_members(k: int, spec: str, superclasses_of: SuperclassesFn | None, n_classes: int,
+                        where: str) -> list[int]:
+    """Every class of the first ``k`` superclasses of ``spec``, by class index."""
+    if superclasses_of is None:
+        raise ConfigError(f"{where}: split.seen_superclasses needs the superclasses of {spec}")
+    try:
+        mapping, names = superclasses_of(spec)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: split.seen_superclasses: {exc}") from None
+    if len(mapping) != n_classes:
+        raise ConfigError(f"{where}: {spec} has {n_classes} classes but {len(mapping)} superclass entries")
+    if k > len(names):
+        raise ConfigError(f"{where}: split.seen_superclasses = {k} but {spec} has {len(names)} superclasses")
+    return [c for c in range(n_classes) if mapping[c] < k]
+
+
+def build_splits(protocol: Protocol, seed: int, labels_of: LabelsFn,
+                 superclasses_of: SuperclassesFn | None = None) -> Splits:
+    """Draw the index sets of ``protocol`` for ``seed`` (same seed, same indices).
+
+    Labelled images are drawn first, so the labelled set of a seed does not depend on the unlabelled
+    settings (a mismatch sweep keeps its labelled set).
+    """
     where, data, split = protocol.source_file, protocol.data, protocol.split
     rng = np.random.default_rng(seed)
     lab_y, names = labels_of(data.labelled)
-    seen = _resolve_classes(split.seen_classes, names, where)
+    if split.seen_superclasses:
+        seen = _superclass_members(split.seen_superclasses, data.labelled, superclasses_of, len(names), where)
+    else:
+        seen = _resolve_classes(split.seen_classes, names, where)
     unseen = [c for c in range(len(names)) if c not in seen]
 
     labelled, leftover_seen = [], []
