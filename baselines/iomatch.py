@@ -67,8 +67,6 @@ class IOMatchConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.mu <= 0:
-            raise ValueError("iomatch needs unlabelled data: mu must be > 0")
         if self.da_len < 1 or self.proj_size < 1:
             raise ValueError("da_len and proj_size must be >= 1")
         if not (0.0 <= self.p_cutoff <= 1.0 and 0.0 <= self.q_cutoff <= 1.0 and 0.0 <= self.open_warmup <= 1.0):
@@ -91,6 +89,7 @@ class IOMatch(Method):
     description = "IOMatch (Li et al. 2023): every unlabelled image trains an open-set (K+1) head; no filtering"
     Config = IOMatchConfig
     unlabelled_views = ("weak", "strong")
+    needs_unlabelled = True
     # USB's optimiser (the authors' configs): SGD Nesterov lr 0.03, momentum 0.9, cosine, no weight decay on BN and
     # biases. Weight decay 5e-4 (the authors' CIFAR-10 configs; their CIFAR-100 ones use 1e-3) as this harness's
     # FixMatch, so that the two differ only in the method.

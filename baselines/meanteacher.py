@@ -98,6 +98,7 @@ class MeanTeacher(Method):
     description = "Mean Teacher (Tarvainen & Valpola 2017): softmax MSE to an EMA teacher on two weak views"
     Config = MeanTeacherConfig
     unlabelled_views = ("weak", "weak")
+    needs_unlabelled = True
     # The authors' script: SGD Nesterov lr 0.1, momentum 0.9, weight decay 5e-4, cosine decay.
     optim_defaults = {"name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4,
                       "schedule": "cosine"}

@@ -76,8 +76,6 @@ class OpenMatchConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.mu <= 0:
-            raise ValueError("openmatch needs unlabelled data: mu must be > 0")
         if self.start_fix < 0 or not 0.0 <= self.start_fix_fraction <= 1.0:
             raise ValueError("start_fix must be >= 0 and start_fix_fraction in [0, 1]")
         if not 0.0 < self.inlier_threshold <= 1.0:
@@ -105,6 +103,7 @@ class OpenMatch(Method):
     description = "OpenMatch (Saito et al. 2021): OVA heads + SOCR; FixMatch on the inliers, re-selected every epoch"
     Config = OpenMatchConfig
     unlabelled_views = ("weak", "weak")  # SOCR's two augmentations (TransformOpenMatch: two weak views)
+    needs_unlabelled = True
     selected_views = ("weak", "strong")  # FixMatch on the selected inliers (TransformFixMatch)
     # The authors' parser (FixMatch's): SGD Nesterov lr 0.03, momentum 0.9, wd 5e-4 not on BN and biases, cosine.
     optim_defaults = {"name": "sgd", "lr": 0.03, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4,

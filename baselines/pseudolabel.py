@@ -70,6 +70,7 @@ class PseudoLabel(Method):
     description = "Pseudo-Label (Lee 2013): the model's own argmax on unlabelled images as targets, ramped up"
     Config = PseudoLabelConfig
     unlabelled_views = ("weak",)
+    needs_unlabelled = True
     # The authors' script: SGD Nesterov lr 0.1, momentum 0.9, weight decay 5e-4, cosine decay.
     optim_defaults = {"name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4,
                       "schedule": "cosine"}

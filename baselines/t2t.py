@@ -187,6 +187,7 @@ class T2T(Method):
     description = "T2T (Huang et al. 2021): cross-modal matching + rotation; UDA on Otsu-selected inliers (stage 2)"
     Config = T2TConfig
     unlabelled_views = ("weak",)  # rotation task and unlabelled matching (the authors' labelled transform)
+    needs_unlabelled = True
     selected_views = ("weak", "strong")  # UDA's consistency between a weak and a STRONG view
     # The authors' stage-2 optimiser: SGD Nesterov lr 0.03, momentum 0.9, weight decay 5e-4 on EVERY parameter
     # (``optim.SGD(grouped_parameters, ...)``, no BN/bias exclusion), cosine decay (cos(7 pi k / 16 K)).

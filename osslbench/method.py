@@ -119,6 +119,8 @@ class Method(nn.Module):
     :cvar selected_views: views of a second unlabelled stream drawn from the subset the method
         selects each epoch (OpenMatch, MTC, T2T: re-selected from the WHOLE pool by ``on_epoch_start``,
         returned by ``selection``); ``()`` = no such stream.
+    :cvar needs_unlabelled: the method is meaningless without unlabelled images (every SSL method):
+        ``mu = 0`` is a config error instead of an empty unlabelled batch (distillers may run closed-set).
     :cvar optim_defaults: the method's own optimiser settings, over the protocol's ``[optim]``.
     """
 
@@ -128,6 +130,7 @@ class Method(nn.Module):
     needs_teacher: ClassVar[bool] = False
     unlabelled_views: ClassVar[tuple[str, ...]] = ()
     selected_views: ClassVar[tuple[str, ...]] = ()
+    needs_unlabelled: ClassVar[bool] = False
     optim_defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, cfg: MethodConfig, student: Net, teacher: Net | None = None, num_classes: int = 0,

@@ -68,6 +68,8 @@ def method_config(cls: type[Method], protocol: Protocol) -> tuple[MethodConfig, 
     """
     where = f"{protocol.source_file}: method.{cls.name}"
     cfg = build(cls.Config, protocol.method_tree(cls.name), where)
+    if cls.needs_unlabelled and cfg.mu <= 0:
+        raise ConfigError(f"{where}: {cls.name} needs unlabelled data: mu must be > 0")
     optim_tree: dict[str, Any] = deep_merge(deep_merge(as_tree(protocol.optim), cls.optim_defaults), cfg.optim)
     return cfg, build(OptimConfig, optim_tree, f"{where}.optim")
 

@@ -42,6 +42,7 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
         (["run", "--bogus-flag"], "unrecognized arguments"),
         (["list", "things"], "invalid choice"),
         (["run", "--sweep", "mismatsch=0,1"], "--sweep: unknown key 'mismatsch'"),
+        (["run", "--methods", "fixmatch", "--set", "method.fixmatch.mu=0"], "fixmatch needs unlabelled data"),
         (["run", "--sweep", "mismatch=0,2"], "mismatch = 2.0 is outside [0, 1]"),
         (["run", "--protocol", "cifar100-seen50", "--scale", "smoke"], "cifar-100-python"),
     ],

@@ -195,6 +195,4 @@ def test_defaults_registry_and_import_paths():
     source = inspect.getsource(iomatch_module)
     assert "from baselines" not in source and "import baselines" not in source
     with pytest.raises(ValueError):
-        IOMatchConfig(mu=0)
-    with pytest.raises(ValueError):
         IOMatchConfig(q_cutoff=1.5)

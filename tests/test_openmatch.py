@@ -271,6 +271,4 @@ def test_defaults_registry_and_import_paths():
     source = inspect.getsource(openmatch_module)
     assert "from baselines" not in source and "import baselines" not in source
     with pytest.raises(ValueError):
-        OpenMatchConfig(mu=0)
-    with pytest.raises(ValueError):
         OpenMatchConfig(start_fix=-1)

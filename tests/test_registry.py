@@ -44,3 +44,17 @@ def test_entry_point_methods_are_added(monkeypatch):
             registry.methods()
     finally:
         registry.methods.cache_clear()
+
+
+def test_ssl_methods_refuse_mu_zero_and_distillers_accept_it():
+    from osslbench.protocol import load_protocol
+
+    ssl = {name for name in registry.methods() if registry.get_method(name).needs_unlabelled}
+    assert {"pseudolabel", "meanteacher", "mixmatch", "fixmatch", "mtc", "openmatch", "t2t", "iomatch"} <= ssl
+    for name in registry.methods():
+        protocol = load_protocol("digits-openset", "smoke", {"method": {name: {"mu": 0}}})
+        if name in ssl:
+            with pytest.raises(ConfigError, match=f"method.{name}: {name} needs unlabelled data"):
+                registry.method_config(registry.get_method(name), protocol)
+        else:  # closed-set distillation (RepDistiller's table) and the student alone
+            assert registry.method_config(registry.get_method(name), protocol)[0].mu == 0
