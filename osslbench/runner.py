@@ -58,6 +58,13 @@ def run_config(protocol: Protocol, method: str, seed: int, teacher: str | None) 
     return tree
 
 
+def finished(protocol: Protocol, method: str, seed: int, opts: RunOptions) -> dict | None:
+    """The ``result.json`` of this run when it holds exactly this config, else None."""
+    done = read_result(run_dir(opts.out, protocol, method, seed) / RESULT)
+    h = config_hash(run_config(protocol, method, seed, opts.teacher))
+    return done if done is not None and done["config_hash"] == h else None
+
+
 def run_one(protocol: Protocol, method: str, seed: int, opts: RunOptions) -> dict:
     """Train and evaluate one (protocol, method, seed); returns its ``result.json`` content."""
     cls = get_method(method)
@@ -162,11 +169,13 @@ def preflight(protocol: Protocol, methods: list[str], seeds: list[int], opts: Ru
 
 def run_grid(protocol: Protocol | Sequence[Protocol], methods: list[str], seeds: list[int],
              opts: RunOptions) -> list[dict]:
-    """Every (sweep point, method, seed): teachers first (one per point and seed, shared by all methods)."""
+    """Every (sweep point, method, seed): teachers first (one per point and seed, shared by all methods),
+    only where a run that needs it is not finished (teacher weights are not kept with the results)."""
     points = [protocol] if isinstance(protocol, Protocol) else list(protocol)
     if opts.jobs > 1 or opts.cluster:
         opts = RunOptions(**{**opts.__dict__, "progress": False})
-    need_teacher = any(get_method(m).needs_teacher for m in methods) and not opts.teacher
-    if need_teacher:
-        _execute([(_teacher_job, p, s, opts) for p in points for s in seeds], opts, "teachers")
+    if not opts.teacher:
+        distillers = [m for m in methods if get_method(m).needs_teacher]
+        _execute([(_teacher_job, p, s, opts) for p in points for s in seeds
+                  if any(finished(p, m, s, opts) is None for m in distillers)], opts, "teachers")
     return _execute([(run_one, p, m, s, opts) for p in points for s in seeds for m in methods], opts, "runs")

@@ -11,7 +11,7 @@ from osslbench.config import parse_overrides
 from osslbench.errors import CheckpointError
 from osslbench.protocol import OptimConfig, load_protocol
 from osslbench.registry import methods
-from osslbench.runner import RunOptions, run_one
+from osslbench.runner import RunOptions, run_grid, run_one
 from osslbench.trainer import lr_factor
 
 SMALL = ["train.epochs=4", "train.teacher_epochs=2", "train.iters_per_epoch=4", "train.last_k=2"]
@@ -58,6 +58,22 @@ def test_finished_run_is_reused_and_other_config_refused(tmp_path):
     overwritten = run_one(other, "supervised", 0, RunOptions(data_root=tmp_path, out=tmp_path, progress=False,
                                                              overwrite=True))
     assert overwritten["config_hash"] != first["config_hash"]
+
+
+def test_finished_distillers_do_not_retrain_their_teacher(tmp_path):
+    """teacher.pt is not committed with the results: a clone that has every distiller's result trains nothing."""
+    protocol = load_protocol("digits-openset", None, parse_overrides(SMALL))
+    opts = RunOptions(data_root=tmp_path, out=tmp_path, progress=False)
+    first = run_grid(protocol, ["kd", "srd"], [0], opts)
+    teacher = tmp_path / "digits-openset" / "full" / "teacher-cnn-large" / "seed0"
+    (teacher / "teacher.pt").unlink()
+    assert run_grid(protocol, ["kd", "srd"], [0], opts) == first
+    assert not (teacher / "teacher.pt").exists()
+    # a distiller still to run gets its teacher (retrained from the same seed: the same weights)
+    (tmp_path / "digits-openset" / "full" / "kd" / "seed0" / "result.json").unlink()
+    again = run_grid(protocol, ["kd", "srd"], [0], opts)
+    assert (teacher / "teacher.pt").exists()
+    assert again[0]["metrics"]["top1_last"] == first[0]["metrics"]["top1_last"]
 
 
 def test_checkpoint_of_other_config_is_refused_on_resume(tmp_path):
