@@ -31,9 +31,9 @@ so that BatchNorm's batch statistics of the classification batch never include r
 
 Deviations from the authors' scripts (the harness runs one schedule per method):
 
-* one run with one optimiser and one learning-rate schedule (SGD Nesterov lr 0.03, wd 5e-4 on every parameter,
-  FixMatch's cosine), where the authors run stage 1 as its own script (lr 0.1, x0.2 steps) and restart a cosine
-  schedule for stage 2;
+* one run with one optimiser: the learning rate follows both scripts' schedules (stage 1: lr 0.1, x0.2 at 30%,
+  60% and 80% of the stage; stage 2: lr 0.03, FixMatch's cosine restarted at the stage's first step), but the
+  momentum buffers carry over into stage 2, where the authors' second script starts a new optimiser;
 * the selection is re-made every epoch (the authors: every 20 epochs of 1,000 steps), which keeps it a function
   of the weights alone (exact resume);
 * the rotation batch is the first ``batch_size`` images of the unlabelled stream (``mu * batch_size`` images), the
@@ -43,7 +43,8 @@ Deviations from the authors' scripts (the harness runs one schedule per method):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +54,7 @@ from osslbench.data.augment import rotate90
 from osslbench.method import Batch, Method, MethodConfig, PoolAccess, cross_entropy
 from osslbench.models.base import Net
 from osslbench.ood import otsu_threshold, pooled
+from osslbench.protocol import OptimConfig, lr_factor
 
 
 @dataclass
@@ -65,6 +67,12 @@ class T2TConfig(MethodConfig):
     :param ema_decay: 0: the authors evaluate the trained weights.
     :param stage1: fraction of the epochs spent in stage 1 (0.2: 50k of 50k + 200k steps, the two scripts'
         ``--total-steps``).
+    :param stage1_lr: stage 1's learning rate (0.1, ``train_t2t_stage1.py``'s ``optim.SGD(..., lr=0.1)``); stage 2
+        uses the optimiser's ``lr`` (0.03).
+    :param stage1_milestones: where stage 1's learning rate is multiplied by ``stage1_gamma``, as fractions of
+        stage 1 (0.3, 0.6, 0.8: ``MultiStepLR(milestones=[30, 60, 80, 100])`` over its 100 epochs; 100 is never
+        reached).
+    :param stage1_gamma: stage 1's decay factor (0.2, ``gamma=0.2``).
     :param lambda_mx: weight of the labelled matching loss (1, ``--lmx``).
     :param lambda_rot: weight of the rotation loss (1, ``--lrot``).
     :param lambda_un: weight of the stage-2 unlabelled terms (1, ``--lun``).
@@ -79,6 +87,9 @@ class T2TConfig(MethodConfig):
     mu: float = 5.0
     ema_decay: float = 0.0
     stage1: float = 0.2
+    stage1_lr: float = 0.1
+    stage1_milestones: tuple[float, ...] = (0.3, 0.6, 0.8)
+    stage1_gamma: float = 0.2
     lambda_mx: float = 1.0
     lambda_rot: float = 1.0
     lambda_un: float = 1.0
@@ -92,6 +103,8 @@ class T2TConfig(MethodConfig):
         super().__post_init__()
         if not 0.0 <= self.stage1 < 1.0 or not 0.0 <= self.ramp <= 1.0:
             raise ValueError("stage1 must be in [0, 1) and ramp in [0, 1]")
+        if self.stage1_lr <= 0 or self.stage1_gamma <= 0 or any(not 0 < m < 1 for m in self.stage1_milestones):
+            raise ValueError("stage1_lr and stage1_gamma must be > 0 and stage1_milestones fractions in (0, 1)")
         if self.temperature <= 0 or not 0.0 <= self.p_cutoff <= 1.0:
             raise ValueError("temperature must be > 0 and p_cutoff in [0, 1]")
         if self.embed_dim < 1 or self.bins < 2:
@@ -189,8 +202,8 @@ class T2T(Method):
     unlabelled_views = ("weak",)  # rotation task and unlabelled matching (the authors' labelled transform)
     needs_unlabelled = True
     selected_views = ("weak", "strong")  # UDA's consistency between a weak and a STRONG view
-    # The authors' stage-2 optimiser: SGD Nesterov lr 0.03, momentum 0.9, weight decay 5e-4 on EVERY parameter
-    # (``optim.SGD(grouped_parameters, ...)``, no BN/bias exclusion), cosine decay (cos(7 pi k / 16 K)).
+    # Both scripts' optimiser: SGD Nesterov, momentum 0.9, weight decay 5e-4 on EVERY parameter
+    # (``optim.SGD(grouped_parameters, ...)``, no BN/bias exclusion); lr 0.03 is stage 2's (``lr_schedule``).
     optim_defaults = {"name": "sgd", "lr": 0.03, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4,
                       "decay_bn_bias": True, "schedule": "cosine"}
     cfg: T2TConfig
@@ -227,6 +240,20 @@ class T2T(Method):
 
     def selection(self) -> Tensor | None:
         return self._selected
+
+    def lr_schedule(self, optim: OptimConfig, epochs: int, steps_per_epoch: int) -> Callable[[int], float]:
+        """Stage 1: ``stage1_lr`` with its step decays; stage 2: ``optim.lr`` with the cosine restarted."""
+        start, total = stage2_start(self.cfg.stage1, epochs) * steps_per_epoch, epochs * steps_per_epoch
+        stage1 = replace(optim, schedule="multistep", milestones=list(self.cfg.stage1_milestones),
+                         gamma=self.cfg.stage1_gamma)
+        stage2 = replace(optim, schedule="cosine")
+        scale = self.cfg.stage1_lr / optim.lr
+
+        def factor(step: int) -> float:
+            if step < start:
+                return scale * lr_factor(stage1, step, start)
+            return lr_factor(stage2, step - start, total - start)
+        return factor
 
     def alpha(self, batch: Batch) -> float:
         """Weight of the stage-2 terms: 0 in stage 1, then linear from 0 to 1 over ``ramp`` of stage 2."""

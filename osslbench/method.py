@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .models.base import Net
+from .protocol import OptimConfig, lr_factor
 
 
 @dataclass
@@ -189,6 +190,13 @@ class Method(nn.Module):
     def selection(self) -> Tensor | None:
         """Pool positions the ``selected_views`` stream samples from this epoch (None = no stream)."""
         return None
+
+    def lr_schedule(self, optim: OptimConfig, epochs: int, steps_per_epoch: int) -> Callable[[int], float]:
+        """Learning-rate multiplier of each iteration (default: ``optim.schedule`` over the whole run); a method
+        whose paper runs stages with their own schedules (T2T) overrides it. A function of the step alone, so
+        that resume restores it."""
+        total = epochs * steps_per_epoch
+        return lambda step: lr_factor(optim, step, total)
 
     # --- helpers shared by the baselines -------------------------------------------------------
     def record(self, **values: Tensor | float) -> None:

@@ -7,6 +7,7 @@ merged tree is validated, once, so every error names the file and the key.
 
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -163,6 +164,15 @@ class OptimConfig:
             raise ValueError(f"lr = {self.lr} must be > 0")
         if any(not 0 < m < 1 for m in self.milestones):
             raise ValueError("milestones are fractions of training, each in (0, 1)")
+
+
+def lr_factor(cfg: OptimConfig, step: int, total: int) -> float:
+    """Learning-rate multiplier at iteration ``step`` of ``total``."""
+    if cfg.schedule == "cosine":  # FixMatch: lr * cos(7 pi k / (16 K))
+        return math.cos(7 * math.pi * step / (16 * total))
+    if cfg.schedule == "multistep":
+        return cfg.gamma ** sum(step >= m * total for m in cfg.milestones)
+    return 1.0
 
 
 @dataclass

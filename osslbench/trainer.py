@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import threading
 import time
@@ -77,15 +76,6 @@ def make_optimizer(params: list[tuple[str, torch.nn.Parameter]], cfg: OptimConfi
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
 
 
-def lr_factor(cfg: OptimConfig, step: int, total: int) -> float:
-    """Learning-rate multiplier at iteration ``step`` of ``total``."""
-    if cfg.schedule == "cosine":  # FixMatch: lr * cos(7 pi k / (16 K))
-        return math.cos(7 * math.pi * step / (16 * total))
-    if cfg.schedule == "multistep":
-        return cfg.gamma ** sum(step >= m * total for m in cfg.milestones)
-    return 1.0
-
-
 def autocast_context(device: torch.device, enabled: bool) -> Callable[[], contextlib.AbstractContextManager]:
     """bf16 autocast where the device supports it, else a no-op context."""
     ok = enabled and (device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported()))
@@ -123,8 +113,8 @@ class Trainer:
         self.n_ulb = round(method.cfg.mu * tc.batch_size) if method.uses_unlabelled and len(data.unlabelled_x) else 0
         self.optimizer = make_optimizer([(n, p) for n, p in method.named_parameters() if p.requires_grad],
                                         schedule.optim)
-        total = schedule.epochs * self.iters
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda k: lr_factor(schedule.optim, k, total))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, method.lr_schedule(schedule.optim, schedule.epochs, self.iters))
         decay = method.cfg.ema_decay
         self.ema = AveragedModel(method, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True) if decay else None
         self.history: list[dict] = []

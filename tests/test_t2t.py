@@ -28,7 +28,7 @@ from osslbench.evaluate import auroc
 from osslbench.method import Batch, PoolAccess
 from osslbench.models import build_model
 from osslbench.ood import pooled
-from osslbench.protocol import load_protocol
+from osslbench.protocol import OptimConfig, load_protocol
 from osslbench.registry import get_method
 from osslbench.runner import RunOptions, run_one
 
@@ -90,13 +90,28 @@ def test_registered_with_the_authors_settings():
     cfg = T2TConfig()
     assert (cfg.mu, cfg.ema_decay, cfg.stage1, cfg.ramp, cfg.temperature, cfg.p_cutoff) == (5.0, 0.0, 0.2, 0.2, 0.4, 0.8)
     assert (cfg.lambda_mx, cfg.lambda_rot, cfg.lambda_un, cfg.embed_dim, cfg.bins) == (1.0, 1.0, 1.0, 128, 256)
+    assert (cfg.stage1_lr, cfg.stage1_milestones, cfg.stage1_gamma) == (0.1, (0.3, 0.6, 0.8), 0.2)
     assert T2T.selected_views == ("weak", "strong") and T2T.unlabelled_views == ("weak",)
     assert T2T.optim_defaults["lr"] == 0.03 and T2T.optim_defaults["nesterov"] and T2T.optim_defaults["decay_bn_bias"]
-    for bad in ({"stage1": 1.0}, {"ramp": -0.1}, {"temperature": 0.0}, {"p_cutoff": 1.5}, {"bins": 1}):
+    for bad in ({"stage1": 1.0}, {"ramp": -0.1}, {"temperature": 0.0}, {"p_cutoff": 1.5}, {"bins": 1},
+                {"stage1_lr": 0.0}, {"stage1_milestones": (0.5, 1.0)}, {"stage1_gamma": 0.0}):
         with pytest.raises(ValueError):
             T2TConfig(**bad)
     with pytest.raises(ValueError, match="two classes"):
         T2T(T2TConfig(), build_model("cnn-small", 1, 1), num_classes=1)
+
+
+def test_learning_rate_follows_both_scripts():
+    """Stage 1 (2 of 10 epochs of 10 steps): lr 0.1, x0.2 after 30%, 60%, 80% of its 20 steps; stage 2: lr 0.03 with
+    FixMatch's cosine restarted at step 20 and reaching cos(7 pi / 16) after the remaining 80 steps."""
+    method = make()
+    optim = OptimConfig(lr=0.03, schedule="cosine")
+    factor = method.lr_schedule(optim, epochs=10, steps_per_epoch=10)
+    lr = [optim.lr * factor(k) for k in (0, 5, 6, 11, 12, 15, 16, 19, 20, 60, 100)]
+    stage2 = [0.03, 0.03 * math.cos(7 * math.pi * 40 / (16 * 80)), 0.03 * math.cos(7 * math.pi / 16)]
+    assert lr == pytest.approx([0.1, 0.1, 0.02, 0.02, 0.004, 0.004, 0.0008, 0.0008, *stage2])
+    no_stage1 = make(stage1=0.0).lr_schedule(optim, epochs=10, steps_per_epoch=10)
+    assert [no_stage1(k) for k in (0, 50)] == pytest.approx([1.0, math.cos(7 * math.pi / 32)])
 
 
 def test_matching_head_is_the_authors_architecture():
@@ -365,3 +380,5 @@ def test_trainer_run_switches_stage_and_selects(tmp_path):
     for r in rows[1:]:
         assert 0.0 < r["hook_selected"] < 1.0 and "loss_match_ulb" in r and "loss_consistency" in r
     assert "auroc" in rows[-1]
+    # the lr after each epoch (that of its next step): stage 2 starts at step 4 of 16 with 0.03, then its cosine
+    assert [r["lr"] for r in rows] == pytest.approx([0.03 * math.cos(7 * math.pi * k / 192) for k in (0, 4, 8, 12)])

@@ -9,10 +9,9 @@ import torch
 
 from osslbench.config import parse_overrides
 from osslbench.errors import CheckpointError
-from osslbench.protocol import OptimConfig, load_protocol
+from osslbench.protocol import OptimConfig, load_protocol, lr_factor
 from osslbench.registry import methods
 from osslbench.runner import RunOptions, run_grid, run_one
-from osslbench.trainer import lr_factor
 
 SMALL = ["train.epochs=4", "train.teacher_epochs=2", "train.iters_per_epoch=4", "train.last_k=2"]
 
