@@ -29,7 +29,7 @@ As in the authors' code, the rotation batch (the unrotated images first, whose f
 goes through the network in its own forward pass, and the labelled images with the selected views in another,
 so that BatchNorm's batch statistics of the classification batch never include rotated images.
 
-Deviations from the authors' scripts (the harness runs one schedule per method):
+Deviations from the authors' scripts (the harness trains each method in one run):
 
 * one run with one optimiser: the learning rate follows both scripts' schedules (stage 1: lr 0.1, x0.2 at 30%,
   60% and 80% of the stage; stage 2: lr 0.03, FixMatch's cosine restarted at the stage's first step), but the
