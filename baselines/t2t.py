@@ -242,17 +242,17 @@ class T2T(Method):
         return self._selected
 
     def lr_schedule(self, optim: OptimConfig, epochs: int, steps_per_epoch: int) -> Callable[[int], float]:
-        """Stage 1: ``stage1_lr`` with its step decays; stage 2: ``optim.lr`` with the cosine restarted."""
+        """Stage 1: ``stage1_lr`` with its step decays; stage 2: ``optim.lr`` with ``optim.schedule`` (cosine)
+        restarted at its first step."""
         start, total = stage2_start(self.cfg.stage1, epochs) * steps_per_epoch, epochs * steps_per_epoch
         stage1 = replace(optim, schedule="multistep", milestones=list(self.cfg.stage1_milestones),
                          gamma=self.cfg.stage1_gamma)
-        stage2 = replace(optim, schedule="cosine")
         scale = self.cfg.stage1_lr / optim.lr
 
         def factor(step: int) -> float:
             if step < start:
                 return scale * lr_factor(stage1, step, start)
-            return lr_factor(stage2, step - start, total - start)
+            return lr_factor(optim, step - start, total - start)
         return factor
 
     def alpha(self, batch: Batch) -> float:
