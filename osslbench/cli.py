@@ -121,9 +121,9 @@ def cmd_list(args: argparse.Namespace) -> None:
 
         items = {name: read_tree(path).get("description", "") for name, path in protocol_files().items()}
     elif args.what == "methods":
-        from .registry import methods
+        from .registry import family, methods
 
-        items = {name: cls.description for name, cls in methods().items()}
+        items = {name: f"[{family(cls)}] {cls.description}" for name, cls in methods().items()}
     elif args.what == "models":
         from .models import describe_models
 

@@ -3,7 +3,7 @@
 In the spirit of mdistiller's ``Distiller`` and USB's ``train_step``: the Trainer owns the
 optimiser, schedule, precision, EMA, checkpoints and logging; a method owns its loss equation,
 its extra trainable modules (connector, heads) and, optionally, epoch hooks that re-score the
-unlabelled pool. A new method is one file under ``baselines/`` holding a ``Method`` subclass.
+unlabelled pool. A new method is one file under ``baselines/<family>/`` holding a ``Method`` subclass.
 """
 
 from __future__ import annotations
@@ -123,6 +123,7 @@ class Method(nn.Module):
     :cvar needs_unlabelled: the method is meaningless without unlabelled images (every SSL method):
         ``mu = 0`` is a config error instead of an empty unlabelled batch (distillers may run closed-set).
     :cvar optim_defaults: the method's own optimiser settings, over the protocol's ``[optim]``.
+    :cvar family: ``distill``, ``ssl``, ``openset``, ...; empty = the ``baselines/`` folder the file lives in.
     """
 
     name: ClassVar[str] = ""
@@ -133,6 +134,7 @@ class Method(nn.Module):
     selected_views: ClassVar[tuple[str, ...]] = ()
     needs_unlabelled: ClassVar[bool] = False
     optim_defaults: ClassVar[dict[str, Any]] = {}
+    family: ClassVar[str] = ""
 
     def __init__(self, cfg: MethodConfig, student: Net, teacher: Net | None = None, num_classes: int = 0,
                  pool_size: int = 0) -> None:

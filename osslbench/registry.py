@@ -1,7 +1,9 @@
-"""Method discovery: every ``Method`` subclass in ``baselines/`` plus the ``osslbench.methods`` entry points.
+"""Method discovery: every ``Method`` subclass in ``baselines/`` (and its family folders ``distill/``, ``ssl/``,
+``openset/``) plus the ``osslbench.methods`` entry points.
 
-No hand-kept list: adding a file to ``baselines/`` (or installing a package that declares an entry
-point ``[project.entry-points."osslbench.methods"] name = "pkg.module:Class"``) is enough.
+No hand-kept list: adding a file to ``baselines/<family>/`` (or installing a package that declares an entry
+point ``[project.entry-points."osslbench.methods"] name = "pkg.module:Class"``) is enough. A built-in method's
+family is the folder it lives in unless its class sets ``family``.
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ from .protocol import OptimConfig, Protocol
 def methods() -> dict[str, type[Method]]:
     """Name -> Method class of every built-in and entry-point method."""
     found: dict[str, type[Method]] = {}
-    for info in pkgutil.iter_modules(baselines.__path__):
-        module = importlib.import_module(f"{baselines.__name__}.{info.name}")
+    for info in pkgutil.walk_packages(baselines.__path__, prefix=f"{baselines.__name__}."):
+        if info.ispkg:
+            continue
+        module = importlib.import_module(info.name)
         for _, obj in inspect.getmembers(module, inspect.isclass):
             if issubclass(obj, Method) and obj.name and obj.__module__ == module.__name__:
                 found[obj.name] = obj
@@ -35,6 +39,17 @@ def methods() -> dict[str, type[Method]]:
             raise ConfigError(f"entry point {ep.name} = {ep.value} is not a named osslbench Method subclass")
         found[obj.name] = obj
     return dict(sorted(found.items()))
+
+
+def family(cls: type[Method]) -> str:
+    """The method's family: its class's ``family``, else the ``baselines/`` folder it lives in (``distill``,
+    ``ssl``, ``openset``), else ``plugin`` for an entry point outside ``osslbench``."""
+    if cls.family:
+        return cls.family
+    parts = cls.__module__.split(".")
+    if parts[:2] == ["osslbench", "baselines"]:
+        return parts[2] if len(parts) > 3 else "baseline"
+    return "plugin"
 
 
 def get_method(name: str) -> type[Method]:

@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import osslbench.baselines.iomatch as iomatch_module
-from osslbench.baselines.iomatch import IOMatch, IOMatchConfig, open_targets, soft_cross_entropy
+import osslbench.baselines.openset.iomatch as iomatch_module
+from osslbench.baselines.openset.iomatch import IOMatch, IOMatchConfig, open_targets, soft_cross_entropy
 from osslbench.method import Batch
 from osslbench.models import build_model
 from osslbench.ood import ova_loss

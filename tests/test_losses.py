@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from osslbench.baselines.fixmatch import pseudo_labels
-from osslbench.baselines.srd import connector, srd_terms
+from osslbench.baselines.distill.srd import connector, srd_terms
+from osslbench.baselines.ssl.fixmatch import pseudo_labels
 from osslbench.method import Batch, kl_div_t
 from osslbench.models import build_model
 from osslbench.registry import get_method

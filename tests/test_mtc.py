@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from osslbench.baselines.mixmatch import mixup
-from osslbench.baselines.mtc import otsu_select
+from osslbench.baselines.openset.mtc import otsu_select
+from osslbench.baselines.ssl.mixmatch import mixup
 from osslbench.method import Batch, PoolAccess
 from osslbench.models import build_model
 from osslbench.registry import get_method

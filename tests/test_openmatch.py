@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import osslbench.baselines.openmatch as openmatch_module
-from osslbench.baselines.openmatch import OpenMatch, OpenMatchConfig, inliers, socr_loss, warmup_epochs
+import osslbench.baselines.openset.openmatch as openmatch_module
+from osslbench.baselines.openset.openmatch import OpenMatch, OpenMatchConfig, inliers, socr_loss, warmup_epochs
 from osslbench.data.dataset import RunData
 from osslbench.method import Batch, PoolAccess
 from osslbench.models import build_model

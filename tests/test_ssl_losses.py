@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from osslbench.baselines.meanteacher import MeanTeacher, MeanTeacherConfig, ramp_length, sigmoid_rampup, softmax_mse
-from osslbench.baselines.mixmatch import (
+from osslbench.baselines.ssl.meanteacher import MeanTeacher, MeanTeacherConfig, ramp_length, sigmoid_rampup, softmax_mse
+from osslbench.baselines.ssl.mixmatch import (
     MixMatch,
     MixMatchConfig,
     guess_labels,
@@ -20,7 +20,7 @@ from osslbench.baselines.mixmatch import (
     sharpen,
     soft_cross_entropy,
 )
-from osslbench.baselines.pseudolabel import PseudoLabel, PseudoLabelConfig, hard_pseudo_labels, pseudo_label_loss
+from osslbench.baselines.ssl.pseudolabel import PseudoLabel, PseudoLabelConfig, hard_pseudo_labels, pseudo_label_loss
 from osslbench.method import Batch
 from osslbench.models import build_model
 

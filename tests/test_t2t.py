@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from osslbench.baselines.t2t import (
+from osslbench.baselines.openset.t2t import (
     T2T,
     CrossModalMatchingHead,
     T2TConfig,

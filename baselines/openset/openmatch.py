@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from osslbench.baselines.fixmatch import pseudo_labels
+from osslbench.baselines.ssl.fixmatch import pseudo_labels
 from osslbench.method import Batch, Method, MethodConfig, PoolAccess, cross_entropy
 from osslbench.models.base import Net
 from osslbench.ood import ova_entropy, ova_head, ova_loss, ova_outlier_score, ova_probs, pooled

@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from osslbench.baselines.mixmatch import linear_rampup, mix_batch, probability_mse, soft_cross_entropy
+from osslbench.baselines.ssl.mixmatch import linear_rampup, mix_batch, probability_mse, soft_cross_entropy
 from osslbench.method import Batch, Method, MethodConfig, PoolAccess, cross_entropy
 from osslbench.models.base import Net
 from osslbench.ood import otsu_threshold, pooled

@@ -19,9 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from osslbench.baselines.ssl.meanteacher import epoch_position, ramp_length, sigmoid_rampup
 from osslbench.method import Batch, Method, MethodConfig, cross_entropy
-
-from .meanteacher import epoch_position, ramp_length, sigmoid_rampup
 
 
 @dataclass

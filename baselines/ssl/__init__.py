@@ -1,0 +1,1 @@
+"""Semi-supervised methods trained from scratch, without a teacher (family ``ssl``)."""
