@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from .models.base import Net
 from .protocol import OptimConfig, lr_factor
+from .teacher_cache import teacher_outputs
 
 
 @dataclass
@@ -58,6 +59,10 @@ class Batch:
     :param x_sel: views of images drawn from the method's selected subset (``Method.selection``), in the
         order of ``Method.selected_views``; empty when the method selects nothing or the subset is empty.
     :param idx_sel: their positions in the pool.
+    :param flips_ulb: for each view of ``x_ulb`` that is ``"flip"``, which images are mirrored (bool, CPU); None
+        for the other views (the teacher-output cache serves the matching entry).
+    :param teacher_ulb: the frozen teacher's outputs on ``x_ulb[0]`` served by the teacher-output cache
+        (``Method.teacher_outputs``); None = computed live. Read through :meth:`Method.teacher_on`.
     :param gen: the CPU generator of this epoch's random draws, seeded from ``(seed, epoch)``. A method
         draws its own random numbers (MixUp's lambda, random classes) from it, never from torch's global
         generator: that keeps runs reproducible, resumable and independent of other runs in the process.
@@ -74,6 +79,8 @@ class Batch:
     x_sel: list[Tensor] = field(default_factory=list)
     idx_sel: Tensor | None = None
     gen: torch.Generator = field(default_factory=torch.Generator)
+    flips_ulb: list[Tensor | None] = field(default_factory=list)
+    teacher_ulb: dict[str, Tensor] | None = None
 
     @property
     def progress(self) -> float:
@@ -122,6 +129,10 @@ class Method(nn.Module):
         returned by ``selection``); ``()`` = no such stream.
     :cvar needs_unlabelled: the method is meaningless without unlabelled images (every SSL method):
         ``mu = 0`` is a config error instead of an empty unlabelled batch (distillers may run closed-set).
+    :cvar teacher_outputs: what the method reads from the frozen teacher through :meth:`teacher_on`:
+        ``"logits"``, ``"pooled"`` (pooled final feature map) and/or ``"final_map"``. With ``unlabelled_views``
+        starting with ``"flip"``, the Trainer may serve the unlabelled rows from the teacher-output cache
+        (``osslbench/teacher_cache.py``); an instance may narrow it from its config (SRD without its KD term).
     :cvar optim_defaults: the method's own optimiser settings, over the protocol's ``[optim]``.
     :cvar family: ``distill``, ``ssl``, ``openset``, ...; empty = the ``baselines/`` folder the file lives in.
     """
@@ -133,6 +144,7 @@ class Method(nn.Module):
     unlabelled_views: ClassVar[tuple[str, ...]] = ()
     selected_views: ClassVar[tuple[str, ...]] = ()
     needs_unlabelled: ClassVar[bool] = False
+    teacher_outputs: tuple[str, ...] = ()
     optim_defaults: ClassVar[dict[str, Any]] = {}
     family: ClassVar[str] = ""
 
@@ -201,6 +213,16 @@ class Method(nn.Module):
         return lambda step: lr_factor(optim, step, total)
 
     # --- helpers shared by the baselines -------------------------------------------------------
+    def teacher_on(self, batch: Batch) -> dict[str, Tensor]:
+        """The frozen teacher's ``teacher_outputs`` on labelled + unlabelled view 0 (labelled rows first), without
+        gradient. The unlabelled rows come from the teacher-output cache when the Trainer attached them
+        (``batch.teacher_ulb``), bitwise equal to the forward pass they replace; the labelled rows are live."""
+        with torch.no_grad():
+            if batch.teacher_ulb is None:
+                return teacher_outputs(self.teacher, torch.cat([batch.x_lb, *batch.x_ulb[:1]]), self.teacher_outputs)
+            live = teacher_outputs(self.teacher, batch.x_lb, self.teacher_outputs)
+            return {k: torch.cat([live[k], batch.teacher_ulb[k]]) for k in self.teacher_outputs}
+
     def record(self, **values: Tensor | float) -> None:
         """Figures to log, averaged over the epoch and not optimised (e.g. FixMatch's mask rate)."""
         for key, value in values.items():

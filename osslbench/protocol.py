@@ -120,6 +120,9 @@ class TrainConfig:
     :param eval_batch_size: batch size for evaluation and pool scoring.
     :param amp: bf16 autocast where the device supports it.
     :param channels_last: channels-last memory format (faster convolutions on CPU and GPU).
+    :param teacher_cache: serve a frozen teacher's outputs on ``"flip"``-view unlabelled images from a cache
+        computed once per pool image and flip (``osslbench/teacher_cache.py``); bitwise equal to the live forward
+        pass, checked before use, so it changes no number and is on by default.
     """
 
     epochs: int = 240
@@ -131,6 +134,7 @@ class TrainConfig:
     eval_batch_size: int = 512
     amp: bool = True
     channels_last: bool = True
+    teacher_cache: bool = field(default=True, metadata=ADDED_LATER)
 
     def __post_init__(self) -> None:
         for key in ("epochs", "teacher_epochs", "batch_size", "eval_every", "last_k", "eval_batch_size"):

@@ -93,7 +93,8 @@ def run_one(protocol: Protocol, method: str, seed: int, opts: RunOptions) -> dic
         student = build_model(protocol.models.student, data.num_classes, data.in_channels)
         m = cls(cfg, student, teacher, num_classes=data.num_classes, pool_size=len(data.unlabelled_x))
     schedule = Schedule(epochs=protocol.train.epochs, train=protocol.train, optim=optim, seed=seed)
-    trainer = Trainer(m, data, schedule, folder, h, device, desc=f"{method} s{seed}", progress=opts.progress)
+    trainer = Trainer(m, data, schedule, folder, h, device, desc=f"{method} s{seed}", progress=opts.progress,
+                      cache_dir=protocol.folder(opts.out) / "teacher-cache")
     history = trainer.fit(stop_after=opts.stop_after)
     if len(history) < protocol.train.epochs:
         return {"incomplete": True, "epochs_done": len(history)}
@@ -102,7 +103,8 @@ def run_one(protocol: Protocol, method: str, seed: int, opts: RunOptions) -> dic
         "method": method, "seed": seed,
         "config_hash": h, "config": tree, "teacher": teacher_record, "metrics": summarize(history, protocol.train.last_k),
         "split": splits.summary()["sizes"], "wall_s": time.perf_counter() - t0, "device": str(device),
-        "threads": torch.get_num_threads(), "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+        "threads": torch.get_num_threads(), "kernels": trainer.kernels,
+        "finished": datetime.now(UTC).isoformat(timespec="seconds"),
         "versions": versions(),
     }
     write_result(folder / RESULT, result)

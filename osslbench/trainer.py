@@ -29,6 +29,7 @@ from .errors import CheckpointError
 from .evaluate import evaluate
 from .method import Batch, Method, PoolAccess
 from .protocol import OptimConfig, TrainConfig
+from .teacher_cache import TeacherCache, build_teacher_cache, cache_key, flip_mask, teacher_outputs, verify
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -99,9 +100,12 @@ class Trainer:
     """
 
     def __init__(self, method: Method, data: RunData, schedule: Schedule, run_dir: Path, config_hash: str,
-                 device: torch.device, desc: str = "", progress: bool = True) -> None:
+                 device: torch.device, desc: str = "", progress: bool = True, cache_dir: Path | None = None) -> None:
         self.method, self.data, self.s = method, data, schedule
         self.run_dir, self.config_hash, self.device = run_dir, config_hash, device
+        self.cache_dir = cache_dir  # where the teacher-output cache is memory-mapped from (None = memory only)
+        self.teacher_cache: TeacherCache | None = None
+        self.kernels: dict = {}  # the kernel choices of this run, recorded with its result
         self.desc, self.progress = desc or method.name, progress
         tc = schedule.train
         self.memory_format = torch.channels_last if tc.channels_last else torch.contiguous_format
@@ -158,12 +162,19 @@ class Trainer:
         for i in range(self.iters):
             x = self.prepare(self.view("weak", d.labelled_x[lab[i]], gen))
             idx_u = ulb[i] if ulb is not None else torch.empty(0, dtype=torch.long)
-            x_u = [self.prepare(self.view(k, d.unlabelled_x[idx_u], gen)) for k in m.unlabelled_views] if ulb is not None else []
+            raw_u = d.unlabelled_x[idx_u] if ulb is not None else None
+            views_u = [self.view(k, raw_u, gen) for k in m.unlabelled_views] if raw_u is not None else []
+            kinds = m.unlabelled_views if views_u else ()
+            flips_u = [flip_mask(v, raw_u) if k == "flip" else None for k, v in zip(kinds, views_u, strict=True)]
+            x_u = [self.prepare(v) for v in views_u]
             idx_s = sel[i] if sel is not None else None
             x_s = [self.prepare(self.view(k, d.unlabelled_x[idx_s], gen)) for k in m.selected_views] if sel is not None else []
             step = epoch * self.iters + i
-            yield Batch(x, d.labelled_y[lab[i]].to(self.device), x_u, idx_u, epoch, step, self.iters, self.s.epochs,
-                        x_s, idx_s, gen)
+            batch = Batch(x, d.labelled_y[lab[i]].to(self.device), x_u, idx_u, epoch, step, self.iters, self.s.epochs,
+                          x_s, idx_s, gen, flips_u)
+            if self.teacher_cache is not None:
+                batch.teacher_ulb = self.teacher_cache.lookup(idx_u, flips_u[0], self.device)
+            yield batch
 
     def pool_map(self, fn: Callable[[Tensor], Tensor]) -> Tensor:
         """``fn`` over the whole unlabelled pool, in eval mode and without gradients (epoch hooks)."""
@@ -177,6 +188,57 @@ class Trainer:
                     out.append(fn(self.prepare(self.data.unlabelled_x[start:start + bs])).float().cpu())
         self.method.train(was)
         return torch.cat(out) if out else torch.empty(0)
+
+    # --- teacher-output cache (osslbench/teacher_cache.py) -------------------------------------
+    def cache_applies(self) -> str:
+        """Empty when the teacher-output cache can serve this run, else why not."""
+        m = self.method
+        if not self.s.train.teacher_cache:
+            return "off (train.teacher_cache = false)"
+        if m._teacher.module is None or not m.teacher_outputs:
+            return "n/a (the method reads no teacher outputs through teacher_on)"
+        if not self.n_ulb or m.unlabelled_views[:1] != ("flip",):
+            return "n/a (the method's first unlabelled view is not 'flip')"
+        return ""
+
+    def setup_teacher_cache(self) -> dict:
+        """Build or memory-map the teacher-output cache when it applies and check it bitwise against the live
+        forward pass on a batch of the training shape; the record (kept in ``kernels``)."""
+        why = self.cache_applies()
+        if why:
+            self.kernels["teacher_cache"] = {"used": False, "why": why}
+            return self.kernels["teacher_cache"]
+        m, d, tc = self.method, self.data, self.s.train
+        names = tuple(m.teacher_outputs)
+        chunk = max(2, min(tc.eval_batch_size, len(d.unlabelled_x)))
+        probe = self.autocast()
+        precision = f"autocast-{probe.fast_dtype}" if isinstance(probe, torch.autocast) else "fp32"
+        context = {"mean": tuple(d.mean), "std": tuple(d.std), "precision": precision, "device": self.device.type,
+                   "memory_format": str(self.memory_format), "threads": torch.get_num_threads(), "chunk": chunk}
+        key = cache_key(m.teacher, d.unlabelled_x, names, context)
+        cache = build_teacher_cache(m.teacher, d.unlabelled_x, names, self.prepare, self.autocast, chunk, key,
+                                    self.cache_dir)
+        # the live path's shape: labelled + unlabelled images through the teacher in one pass
+        n = min(self.n_ulb, len(d.unlabelled_x))
+        idx = torch.arange(n)
+        flips = torch.arange(n) % 2 == 1
+        x_lb = self.prepare(d.labelled_x[: tc.batch_size])
+
+        def live(i: Tensor, f: Tensor) -> dict[str, Tensor]:
+            raw = d.unlabelled_x[i]
+            x_u = self.prepare(torch.where(f[:, None, None, None], raw.flip(-1), raw))
+            with torch.no_grad(), self.autocast():
+                out = teacher_outputs(m.teacher, torch.cat([x_lb, x_u]), names)
+            return {k: v[len(x_lb):] for k, v in out.items()}
+
+        diff = verify(cache, live, idx, flips, self.device)
+        record = {"used": diff is None, "outputs": list(names), "MiB": round(cache.nbytes / 2**20, 2),
+                  "build_s": round(cache.build_s, 2), "loaded": cache.loaded, "key": key}
+        if diff is not None:
+            record["why"] = f"off (cached rows differ from the live forward pass by up to {diff:.3g} on this device)"
+        self.teacher_cache = cache if diff is None else None
+        self.kernels["teacher_cache"] = record
+        return record
 
     # --- checkpoints --------------------------------------------------------------------------
     def save(self, epoch: int) -> None:
@@ -208,6 +270,23 @@ class Trainer:
         return int(state["epoch"])
 
     # --- the loop -----------------------------------------------------------------------------
+    def step(self, batch: Batch) -> dict[str, Tensor]:
+        """One optimisation step on ``batch`` (what ``fit`` runs and ``osslbench bench`` times); the loss terms."""
+        with self.autocast():
+            terms = self.method.losses(batch)
+        loss = sum(terms.values())
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{self.desc}: loss is {loss.item()} at epoch {batch.epoch + 1}, "
+                                     f"step {batch.step - batch.epoch * batch.steps_per_epoch}")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.method.after_step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.method)
+        return terms
+
     def evaluate(self, bar: bool) -> dict[str, float]:
         model = self.ema.module if self.ema is not None else self.method
         progress = (lambda it: tqdm(it, desc=f"{self.desc} eval", leave=False, disable=not bar)) if bar else None
@@ -219,6 +298,8 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         start = self.resume()
         epochs, tc = self.s.epochs, self.s.train
+        if "teacher_cache" not in self.kernels:
+            self.setup_teacher_cache()
         self.method.train()
         for epoch in range(start, epochs if stop_after is None else min(epochs, stop_after)):
             t0 = time.perf_counter()
@@ -229,22 +310,11 @@ class Trainer:
             bar = tqdm(self.batches(epoch), total=self.iters, desc=f"{self.desc} {epoch + 1}/{epochs}",
                        leave=False, disable=not self.progress)
             for i, batch in enumerate(bar):
-                with self.autocast():
-                    terms = self.method.losses(batch)
-                loss = sum(terms.values())
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"{self.desc}: loss is {loss.item()} at epoch {epoch + 1}, step {i}")
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
-                self.scheduler.step()
-                self.method.after_step()
-                if self.ema is not None:
-                    self.ema.update_parameters(self.method)
+                terms = self.step(batch)
                 for k, v in terms.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach())
                 if i % 10 == 0:
-                    bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+                    bar.set_postfix(loss=f"{float(sum(terms.values()).detach()):.3f}")
             row.update({f"loss_{k}": v / self.iters for k, v in sums.items()})
             row.update(self.method.pop_records())
             row["lr"] = self.optimizer.param_groups[0]["lr"]

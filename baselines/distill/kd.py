@@ -34,12 +34,12 @@ class KD(Method):
     Config = KDConfig
     needs_teacher = True
     unlabelled_views = ("flip",)  # SRD paper: unlabelled images are resized to 32 and flipped, not cropped
+    teacher_outputs = ("logits",)
     cfg: KDConfig
 
     def losses(self, batch: Batch) -> dict[str, Tensor]:
         logits_lb, logits_ulb = self.forward_student(batch)
-        with torch.no_grad():
-            t_logits = self.teacher(torch.cat([batch.x_lb, *batch.x_ulb[:1]]))
+        t_logits = self.teacher_on(batch)["logits"]
         s_logits = torch.cat([logits_lb, logits_ulb])
         return {
             "ce": self.cfg.gamma * cross_entropy(logits_lb, batch.y_lb),

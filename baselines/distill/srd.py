@@ -60,8 +60,15 @@ def srd_terms(f_s: Tensor, f_t: Tensor, student: Net, teacher: Net, g: nn.Module
     ``f_t`` must come from the frozen teacher without gradient; gradients reach the student and
     ``g`` through the teacher's classifier, whose weights are frozen.
     """
+    return srd_terms_pooled(f_s, teacher.pool(f_t), student, teacher, g, logit_loss, temperature)
+
+
+def srd_terms_pooled(f_s: Tensor, h_t: Tensor, student: Net, teacher: Net, g: nn.Module,
+                     logit_loss: str = "mse", temperature: float = 4.0) -> tuple[Tensor, Tensor]:
+    """:func:`srd_terms` from the teacher's pooled final map ``h_t = pool(f_t)``: both terms read ``f_t`` only
+    through it, so the teacher-output cache stores C values per image instead of the C x h x w map."""
     h_s = student.pool(g(f_s)).float()
-    h_t = teacher.pool(f_t).float()
+    h_t = h_t.float()
     z_c = teacher.classifier(h_s)  # cross-network logit: the student's representation judged by W_t
     z_t = teacher.classifier(h_t)
     feat = F.mse_loss(h_s, h_t)
@@ -75,22 +82,24 @@ class SRD(Method):
     Config = SRDConfig
     needs_teacher = True
     unlabelled_views = ("flip",)  # SRD paper: unlabelled images are resized to 32 and flipped, not cropped
+    teacher_outputs = ("pooled", "logits")
     cfg: SRDConfig
 
     def __init__(self, cfg: SRDConfig, student: Net, teacher: Net | None = None, **kwargs: int) -> None:
         super().__init__(cfg, student, teacher, **kwargs)
         self.connector = connector(student.feature_channels[-1], self.teacher.feature_channels[-1])
+        # the loss reads the teacher's map only through pool(f_t); its logits only for the alpha KD term
+        self.teacher_outputs = ("pooled", "logits") if cfg.alpha else ("pooled",)
 
     def losses(self, batch: Batch) -> dict[str, Tensor]:
         cfg = self.cfg
         logits_lb, logits_ulb, feats = self.forward_student(batch, features=True)
-        with torch.no_grad():
-            t_logits, t_feats = self.teacher(torch.cat([batch.x_lb, *batch.x_ulb[:1]]), features=True)
-        feat, logit = srd_terms(feats[-1], t_feats[-1], self.student, self.teacher, self.connector,
-                                cfg.logit_loss, cfg.temperature)
+        t = self.teacher_on(batch)
+        feat, logit = srd_terms_pooled(feats[-1], t["pooled"], self.student, self.teacher, self.connector,
+                                       cfg.logit_loss, cfg.temperature)
         out = {"ce": cfg.gamma * cross_entropy(logits_lb, batch.y_lb),
                "srd_feat": cfg.beta * cfg.w_feat * feat,
                "srd_logit": cfg.beta * logit}
         if cfg.alpha:
-            out["kd"] = cfg.alpha * kl_div_t(torch.cat([logits_lb, logits_ulb]), t_logits, cfg.temperature)
+            out["kd"] = cfg.alpha * kl_div_t(torch.cat([logits_lb, logits_ulb]), t["logits"], cfg.temperature)
         return out

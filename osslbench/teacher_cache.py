@@ -1,0 +1,167 @@
+"""The teacher-output cache: a frozen teacher's outputs on both flips of every unlabelled image, computed once.
+
+SRD, KD and every distiller that takes the SRD paper's unlabelled view (``"flip"``: resize to 32 + horizontal
+flip, no crop; Yang et al., IJCV 2024, Sec. 4) feed the frozen, eval-mode teacher an unlabelled image that is one
+of exactly two arrays: the image or its mirror. The teacher's outputs on them are therefore two fixed values per
+image, which the conventional loop (the authors' ``helper/loops.py``) recomputes every epoch (240 times at full
+scale). Here they are computed once per pool image and flip, kept in memory or memory-mapped from
+``<out>/<protocol>/<scale>/teacher-cache/<key>.pt``, and served instead of the forward pass; the teacher forward
+on labelled images (random crops) stays live.
+
+The cache changes no number: the key holds everything the teacher's bits depend on (its weights, the pool's
+pixels, normalisation, precision, memory format, device, thread count, torch version), and before it is used
+its rows are compared bitwise with the live forward pass on a batch of the training shape; a device whose
+kernels give per-sample results that depend on the batch (seen as a mismatch) runs live and says why.
+
+A method declares what it reads from the teacher (``Method.teacher_outputs``) so that only that is stored:
+``"logits"`` (K values per image), ``"pooled"`` (the globally pooled final feature map, C values) or
+``"final_map"`` (the whole C x h x w map: WRN-40-2 at 32 px is 32 KiB per image and flip, 6.1 GiB for the paper's
+100,000-image pool; pooled features + logits are 0.9 KiB, 174 MiB).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .models.base import Net
+
+#: what a method may ask the teacher-output cache to store (see the module docstring)
+OUTPUTS = ("logits", "pooled", "final_map")
+
+
+def teacher_outputs(teacher: Net, x: Tensor, names: Sequence[str]) -> dict[str, Tensor]:
+    """The teacher's ``names`` outputs on the normalised batch ``x`` (one forward pass; call under no_grad)."""
+    unknown = [n for n in names if n not in OUTPUTS]
+    if unknown:
+        raise ValueError(f"unknown teacher output {unknown[0]!r} (known: {', '.join(OUTPUTS)})")
+    if "pooled" not in names and "final_map" not in names:
+        return {"logits": teacher(x)}
+    logits, feats = teacher(x, features=True)
+    out = {"logits": logits, "pooled": teacher.pool(feats[-1]), "final_map": feats[-1]}
+    return {n: out[n] for n in names}
+
+
+def flip_mask(view: Tensor, raw: Tensor) -> Tensor:
+    """Which images of a ``"flip"`` view are mirrored: the view differs from the stored image (uint8 N x C x H x W).
+
+    Exact for the cache's purpose: an image that equals its own mirror is served the unflipped entry, computed
+    from the very same pixels.
+    """
+    return (view != raw).flatten(1).any(dim=1).cpu()
+
+
+def _digest(h: hashlib._Hash, t: Tensor) -> None:
+    t = t.detach().cpu().contiguous()
+    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def cache_key(teacher: Net, pool: Tensor, names: Sequence[str], context: dict[str, object]) -> str:
+    """Hash of what the cached bits depend on: teacher weights and buffers, the pool's pixels, the outputs
+    stored and ``context`` (normalisation, precision, memory format, device, threads, chunk size, torch)."""
+    h = hashlib.sha256()
+    for name, t in sorted(teacher.state_dict().items()):
+        h.update(name.encode())
+        _digest(h, t)
+    _digest(h, pool)
+    h.update(repr((tuple(names), sorted(context.items()), torch.__version__)).encode())
+    return h.hexdigest()[:16]
+
+
+def cache_bytes(shapes: dict[str, tuple[int, ...]], pool_size: int, itemsize: int = 4) -> int:
+    """Bytes of a cache of ``pool_size`` images x 2 flips for outputs of per-image ``shapes``."""
+    per_image = sum(int(torch.Size(s).numel()) for s in shapes.values())
+    return 2 * pool_size * per_image * itemsize
+
+
+@dataclass
+class TeacherCache:
+    """The teacher's outputs on both flips of every pool image: ``outputs[name][f, i]`` is image ``i``
+    mirrored (``f = 1``) or not (``f = 0``), in the dtype the forward pass produced."""
+
+    outputs: dict[str, Tensor]
+    key: str
+    build_s: float = 0.0
+    loaded: bool = False
+    record: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.outputs.values())
+
+    def lookup(self, idx: Tensor, flipped: Tensor, device: torch.device) -> dict[str, Tensor]:
+        """The stored outputs of pool images ``idx`` with flips ``flipped`` (bool), on ``device``."""
+        f, i = flipped.long().cpu(), idx.long().cpu()
+        return {k: v[f, i].to(device, non_blocking=True) for k, v in self.outputs.items()}
+
+
+def build_teacher_cache(teacher: Net, pool: Tensor, names: Sequence[str], prepare: Callable[[Tensor], Tensor],
+                        autocast: Callable[[], object], chunk: int, key: str,
+                        folder: Path | None = None) -> TeacherCache:
+    """Compute (or memory-map from ``folder/<key>.pt``) the teacher's ``names`` outputs on both flips of ``pool``.
+
+    :param pool: uint8 ``N x C x H x W`` unlabelled images as stored (the ``"flip"`` view mirrors them).
+    :param prepare: uint8 batch -> normalised float on the device (the Trainer's, so the bits are the live ones).
+    :param autocast: the Trainer's precision context.
+    :param chunk: images per forward pass; the last chunk is padded to this size (per-sample results may differ
+        at batch size 1, never seen to differ between larger batches).
+    """
+    path = folder / f"{key}.pt" if folder is not None else None
+    if path is not None and path.exists():
+        try:
+            outputs = torch.load(path, mmap=True, weights_only=True)
+            if set(outputs) == set(names):
+                return TeacherCache(outputs, key, loaded=True)
+        except Exception:  # a damaged cache file is rebuilt (it holds nothing that cannot be recomputed)
+            pass
+    t0 = time.perf_counter()
+    n = len(pool)
+    parts: dict[str, list[Tensor]] = {k: [] for k in names}
+    was = teacher.training
+    teacher.eval()
+    with torch.no_grad():
+        for flip in (False, True):
+            for start in range(0, n, chunk):
+                x = pool[start:start + chunk]
+                real = len(x)
+                if real < chunk:
+                    x = torch.cat([x, x[:1].expand(chunk - real, *x.shape[1:])])
+                if flip:
+                    x = x.flip(-1)
+                with autocast():
+                    out = teacher_outputs(teacher, prepare(x), names)
+                for k in names:
+                    parts[k].append(out[k][:real].cpu().contiguous())
+    teacher.train(was)
+    outputs = {k: torch.cat(v).view(2, n, *v[0].shape[1:]) for k, v in parts.items()}
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+        torch.save(outputs, tmp)
+        os.replace(tmp, path)
+        outputs = torch.load(path, mmap=True, weights_only=True)
+    return TeacherCache(outputs, key, build_s=time.perf_counter() - t0)
+
+
+def verify(cache: TeacherCache, live: Callable[[Tensor, Tensor], dict[str, Tensor]], idx: Tensor,
+           flipped: Tensor, device: torch.device) -> float | None:
+    """Compare the cached rows of pool images ``idx`` (flips ``flipped``) with ``live(idx, flipped)``, the live
+    forward pass's rows for them in a batch of the training shape; None when bitwise equal, else the largest
+    absolute difference."""
+    served = cache.lookup(idx, flipped, device)
+    fresh = live(idx, flipped)
+    worst = 0.0
+    for k, v in served.items():
+        if v.dtype != fresh[k].dtype or not torch.equal(v, fresh[k]):
+            worst = max(worst, float((v.float() - fresh[k].float()).abs().max()) if v.shape == fresh[k].shape
+                        else float("inf"))
+            worst = worst or float("nan")
+    return None if worst == 0.0 else worst

@@ -1,0 +1,125 @@
+"""Teacher-output cache: served outputs are bitwise the live forward pass's, so losses and runs are unchanged."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from osslbench.config import parse_overrides
+from osslbench.data.dataset import load_run_data, make_splits
+from osslbench.models import build_model
+from osslbench.protocol import load_protocol
+from osslbench.registry import get_method, method_config
+from osslbench.runner import RunOptions, run_one
+from osslbench.teacher_cache import cache_bytes
+from osslbench.trainer import Schedule, Trainer, seeded_init
+
+# digits with the flip on, so that both cached entries of an image are used
+FLIP = ["data.flip=true", "train.epochs=2", "train.teacher_epochs=1", "train.iters_per_epoch=3", "train.last_k=1"]
+
+
+def _teacher(data, arch: str = "cnn-large") -> torch.nn.Module:
+    with seeded_init(7):
+        t = build_model(arch, data.num_classes, data.in_channels)
+        for mod in t.modules():  # non-trivial BatchNorm statistics: the eval-mode teacher is not an identity
+            if isinstance(mod, torch.nn.BatchNorm2d | torch.nn.BatchNorm1d):
+                mod.running_mean.normal_(0.0, 0.2)
+                mod.running_var.uniform_(0.5, 2.0)
+    return t
+
+
+def _trainer(tmp_path: Path, method: str, overrides: list[str], cache_dir: Path | None = None) -> Trainer:
+    protocol = load_protocol("digits-openset", None, parse_overrides([*FLIP, *overrides]))
+    data = load_run_data(protocol, make_splits(protocol, 0, tmp_path), tmp_path)
+    cls = get_method(method)
+    cfg, optim = method_config(cls, protocol)
+    teacher = _teacher(data)
+    with seeded_init(0):
+        student = build_model(protocol.models.student, data.num_classes, data.in_channels)
+        m = cls(cfg, student, teacher, num_classes=data.num_classes, pool_size=len(data.unlabelled_x))
+    schedule = Schedule(epochs=2, train=protocol.train, optim=optim, seed=0)
+    return Trainer(m, data, schedule, tmp_path / "run", "h", torch.device("cpu"), progress=False, cache_dir=cache_dir)
+
+
+@pytest.mark.parametrize(("method", "overrides"), [("srd", []), ("srd", ["method.srd.alpha=0.5"]), ("kd", []),
+                                                  ("srd", ["train.amp=false"]), ("kd", ["train.amp=false"])])
+def test_losses_are_bitwise_equal_with_and_without_the_cache(tmp_path, method, overrides):
+    tr = _trainer(tmp_path, method, overrides)
+    record = tr.setup_teacher_cache()
+    assert record["used"], record
+    assert record["outputs"] == list(tr.method.teacher_outputs)
+    flipped_seen = set()
+    for batch in tr.batches(0):
+        assert batch.teacher_ulb is not None
+        flipped_seen |= set(batch.flips_ulb[0].tolist())
+        with tr.autocast():  # the Trainer's precision, under which the cache was built
+            served = tr.method.losses(batch)
+            live = tr.method.losses(type(batch)(**{**batch.__dict__, "teacher_ulb": None}))
+        assert served.keys() == live.keys()
+        for k in served:
+            assert torch.equal(served[k], live[k]), (k, served[k].item(), live[k].item())
+    assert flipped_seen == {False, True}  # both entries of the cache were served
+
+
+def test_flip_mask_records_the_mirrored_images(tmp_path):
+    tr = _trainer(tmp_path, "kd", [])
+    d = tr.data
+    gen = torch.Generator().manual_seed(3)
+    idx = torch.arange(len(d.unlabelled_x))[:64]
+    raw = d.unlabelled_x[idx]
+    view = tr.view("flip", raw, gen)
+    from osslbench.teacher_cache import flip_mask
+
+    mask = flip_mask(view, raw)
+    symmetric = (raw == raw.flip(-1)).flatten(1).all(1)
+    assert torch.equal(view[mask], raw[mask].flip(-1))
+    assert torch.equal(view[~mask], raw[~mask])
+    # the view draws its coins with probability 1/2: both outcomes occur among 64 asymmetric images
+    assert 10 < int(mask.sum()) < 54 and not symmetric.all()
+
+
+def test_cache_is_memory_mapped_and_keyed(tmp_path):
+    cache_dir = tmp_path / "teacher-cache"
+    first = _trainer(tmp_path, "srd", [], cache_dir).setup_teacher_cache()
+    assert not first["loaded"] and (cache_dir / f"{first['key']}.pt").exists()
+    again = _trainer(tmp_path, "srd", [], cache_dir)
+    second = again.setup_teacher_cache()
+    assert second["loaded"] and second["key"] == first["key"]
+    channels = again.method.teacher.feature_channels[-1]
+    assert again.teacher_cache.outputs["pooled"].shape == (2, len(again.data.unlabelled_x), channels)
+    other = _trainer(tmp_path, "srd", ["method.srd.alpha=0.5"], cache_dir).setup_teacher_cache()
+    assert other["key"] != first["key"]  # other outputs stored: another file
+
+
+def test_cache_does_not_apply_or_is_switched_off(tmp_path):
+    assert not _trainer(tmp_path, "srd", ["train.teacher_cache=false"]).setup_teacher_cache()["used"]
+    cropped = _trainer(tmp_path, "kd", [])
+    cropped.method.unlabelled_views = ("weak",)  # a distiller whose unlabelled view is a random crop
+    assert "not 'flip'" in cropped.setup_teacher_cache()["why"] and cropped.teacher_cache is None
+    assert "no teacher outputs" in _trainer(tmp_path, "fixmatch", []).setup_teacher_cache()["why"]
+
+
+def test_smoke_run_metrics_equal_with_and_without_the_cache(tmp_path):
+    """Two epochs of SRD and KD: every logged figure (losses, top-1, AUROC) is the same with the cache off."""
+    for method in ("srd", "kd"):
+        rows = {}
+        for on in (True, False):
+            protocol = load_protocol("digits-openset", None, parse_overrides([*FLIP, f"train.teacher_cache={str(on).lower()}"]))
+            out = tmp_path / f"{method}-{on}"
+            result = run_one(protocol, method, 0, RunOptions(data_root=tmp_path, out=out, progress=False))
+            assert result["kernels"]["teacher_cache"]["used"] is on
+            folder = out / "digits-openset" / "full" / method / "seed0"
+            rows[on] = [{k: v for k, v in json.loads(line).items() if not k.endswith("_s")}
+                        for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        assert rows[True] == rows[False] and len(rows[True]) == 2
+
+
+def test_sizes_of_the_paper_pool():
+    """WRN-40-2 on the paper's 100,000-image pool, 2 flips, fp32: pooled + logits vs the whole final map."""
+    small = cache_bytes({"pooled": (128,), "logits": (100,)}, 100_000)
+    full = cache_bytes({"final_map": (128, 8, 8)}, 100_000)
+    assert small == 2 * 100_000 * 228 * 4 and round(small / 2**20) == 174
+    assert full == 2 * 100_000 * 8192 * 4 and round(full / 2**30, 1) == 6.1
