@@ -1,4 +1,4 @@
-"""The ``osslbench`` command: run, list, show, splits, leaderboard, plot."""
+"""The ``osslbench`` command: run, bench, list, show, splits, leaderboard, plot."""
 
 from __future__ import annotations
 
@@ -53,6 +53,20 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--threads", type=int, default=0, help="torch threads per run (default: cores / jobs)")
     run.add_argument("--overwrite", action="store_true", help="discard results of another config in --out")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    bench = sub.add_parser("bench", help="time osslbench's training step against the conventional pipeline")
+    _common(bench)
+    _data_root(bench)
+    bench.add_argument("--method", default="srd", help="the method to time (default: srd)")
+    bench.add_argument("--steps", type=int, default=20, help="timed steps per pipeline (default: 20)")
+    bench.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: 3)")
+    bench.add_argument("--workers", type=int, default=-1,
+                       help="DataLoader workers of the reference pipeline (default: min(8, cores))")
+    bench.add_argument("--teacher", default=None, help="teacher checkpoint (default: the architecture, untrained)")
+    bench.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    bench.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
+    bench.add_argument("--no-reference", action="store_true", help="time osslbench only")
+    bench.add_argument("--json", action="store_true", help="print the report as JSON")
 
     ls = sub.add_parser("list", help="list protocols, methods, models or sources")
     ls.add_argument("what", choices=["protocols", "methods", "models", "sources"])
@@ -113,6 +127,19 @@ def cmd_run(args: argparse.Namespace) -> None:
     print(markdown(table[table["scale"] == protocol.scale]))
     print(f"osslbench: done in {time.perf_counter() - t0:.0f} s; {args.out / protocol.name / 'leaderboard.csv'}",
           file=sys.stderr)
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from .bench import BenchOptions, format_report, run_bench
+    from .protocol import load_protocol
+    from .registry import get_method
+
+    protocol = load_protocol(args.protocol, args.scale, parse_overrides(args.overrides))
+    get_method(args.method)  # an unknown name is one line naming it
+    opts = BenchOptions(data_root=args.data_root, steps=args.steps, warmup=args.warmup, workers=args.workers,
+                        device=args.device, threads=args.threads, teacher=args.teacher, reference=not args.no_reference)
+    report = run_bench(protocol, args.method, opts)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
 
 
 def cmd_list(args: argparse.Namespace) -> None:
@@ -180,7 +207,7 @@ def cmd_plot(args: argparse.Namespace) -> None:
         print(path)
 
 
-COMMANDS = {"run": cmd_run, "list": cmd_list, "show": cmd_show, "splits": cmd_splits,
+COMMANDS = {"run": cmd_run, "bench": cmd_bench, "list": cmd_list, "show": cmd_show, "splits": cmd_splits,
             "leaderboard": cmd_leaderboard, "plot": cmd_plot}
 
 

@@ -1,0 +1,269 @@
+"""``osslbench bench``: osslbench's training step against the conventional pipeline, side by side.
+
+For one protocol, method and model pair, times ``steps`` training steps (after ``warmup`` untimed ones) of
+osslbench's own loop (the real ``Trainer.batches`` + ``Trainer.step``, with its precision, memory format and
+teacher-output cache) and of the conventional reference pipeline (:mod:`osslbench.reference_pipeline`: PIL
+transforms in ``DataLoader`` workers, fp32, NCHW; the same models, loss code, batch sizes and images), in one
+process, one after the other. It reports images/s of each and their ratio (the figure of merit: absolute times
+vary between machines and with their load), the share of the step spent on data, teacher, student and loss, the
+precision, the CPU/GPU model, the FLOPs of one step (``torch.utils.flop_counter.FlopCounterMode``) and the
+achieved GFLOP/s.
+
+Shares: ``data`` = producing the batch (augmentation, normalisation, transfer, cache lookup); ``teacher`` = the
+frozen teacher's forward passes; ``student`` = the student's forward + the whole backward pass + the optimiser
+(and EMA) update; ``loss`` = the rest of the method's ``losses`` (connector, heads, loss terms).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .data.dataset import load_run_data, make_splits
+from .errors import OsslbenchError
+from .method import Batch, Method
+from .models import build_model
+from .models.checkpoint import load_state
+from .protocol import Protocol
+from .reference_pipeline import reference_batches, reference_data, reference_step
+from .registry import get_method, method_config
+from .trainer import Schedule, Trainer, make_optimizer, pick_device, seeded_init
+
+SHARES = ("data", "teacher", "student", "loss")
+
+
+@dataclass
+class BenchOptions:
+    """How to bench: steps, warm-up, loader workers of the reference, device, threads, data."""
+
+    data_root: Path
+    steps: int = 20
+    warmup: int = 3
+    workers: int = -1  # reference DataLoader workers; -1 = min(8, cores) (the authors' 8, capped)
+    device: str = "auto"
+    threads: int = 0  # torch threads; 0 = torch's default (one per core)
+    teacher: str | None = None  # a teacher checkpoint; default: the architecture, initialised from the seed
+    seed: int = 0
+    reference: bool = True
+
+
+def device_model(device: torch.device) -> str:
+    """The CPU or GPU model, in words."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+        else:
+            name = platform.processor() or platform.machine()
+    except OSError:
+        name = platform.processor() or platform.machine()
+    return f"{name}, {os.cpu_count()} logical cores, {torch.backends.cpu.get_cpu_capability()}"
+
+
+class StepClock:
+    """Accumulates the time of a pipeline's steps by part (see :data:`SHARES`), via forward hooks on the
+    teacher and the student and a wrapper around the method's ``losses``."""
+
+    def __init__(self, method: Method, device: torch.device) -> None:
+        self.device = device
+        self.totals = dict.fromkeys((*SHARES, "step"), 0.0)
+        self.images = 0
+        self.steps = 0
+        self.on = False
+        self._t: dict[str, float] = {}
+        self._losses_s = 0.0
+        self._student_fwd = 0.0
+        self._teacher = 0.0
+        self.handles = []
+        for part, module in (("teacher", method._teacher.module), ("student", method.student)):
+            if module is not None:
+                self.handles.append(module.register_forward_pre_hook(self._start(part)))
+                self.handles.append(module.register_forward_hook(self._stop(part)))
+        inner = method.losses
+
+        def losses(batch: Batch) -> dict[str, torch.Tensor]:
+            t0 = self.now()
+            out = inner(batch)
+            self._losses_s += self.now() - t0
+            return out
+
+        method.losses = losses  # an instance attribute: only this method object is timed
+        self._method = method
+
+    def now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def _start(self, part: str) -> Callable:
+        def hook(module: torch.nn.Module, args: object) -> None:
+            self._t[part] = self.now()
+        return hook
+
+    def _stop(self, part: str) -> Callable:
+        def hook(module: torch.nn.Module, args: object, out: object) -> None:
+            dt = self.now() - self._t.pop(part)
+            if part == "teacher":
+                self._teacher += dt
+            else:
+                self._student_fwd += dt
+        return hook
+
+    def run(self, batches: Iterator[Batch], step: Callable[[Batch], object], n: int, timed: bool) -> None:
+        """``n`` steps; counted in the totals when ``timed``."""
+        for _ in range(n):
+            self._losses_s = self._student_fwd = self._teacher = 0.0
+            t0 = self.now()
+            batch = next(batches)
+            t1 = self.now()
+            step(batch)
+            t2 = self.now()
+            if timed:
+                self.steps += 1
+                self.images += batch.x_lb.shape[0] + len(batch.idx_ulb)
+                self.totals["data"] += t1 - t0
+                self.totals["teacher"] += self._teacher
+                self.totals["loss"] += self._losses_s - self._teacher - self._student_fwd
+                self.totals["student"] += (t2 - t1) - self._losses_s + self._student_fwd
+                self.totals["step"] += t2 - t0
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+        del self._method.losses
+
+    def report(self, flops: float, precision: str) -> dict:
+        total = self.totals["step"]
+        return {"images": self.images, "steps": self.steps, "seconds": round(total, 3),
+                "img_per_s": round(self.images / total, 2), "step_s": round(total / self.steps, 4),
+                "shares": {k: round(self.totals[k] / total, 4) for k in SHARES}, "precision": precision,
+                "gflop_per_step": round(flops / 1e9, 3),
+                "gflop_per_image": round(flops / 1e9 / (self.images / self.steps), 4),
+                "gflop_per_s": round(flops / 1e9 / (total / self.steps), 2)}
+
+
+def _flops(step: Callable[[Batch], object], batch: Batch) -> float:
+    with FlopCounterMode(display=False) as counter:
+        step(batch)
+    return float(counter.get_total_flops())
+
+
+def _build(protocol: Protocol, method_name: str, data, teacher_path: str | None, seed: int) -> Method:
+    cls = get_method(method_name)
+    cfg, _ = method_config(cls, protocol)
+    teacher = None
+    if cls.needs_teacher:
+        with seeded_init(seed + 1):
+            teacher = build_model(protocol.models.teacher, data.num_classes, data.in_channels)
+        if teacher_path:
+            load_state(teacher, teacher_path)
+    with seeded_init(seed):
+        student = build_model(protocol.models.student, data.num_classes, data.in_channels)
+        return cls(cfg, student, teacher, num_classes=data.num_classes, pool_size=len(data.unlabelled_x))
+
+
+def run_bench(protocol: Protocol, method_name: str, opts: BenchOptions) -> dict:
+    """Time osslbench's step and the reference's on the same work; the report (see the module docstring)."""
+    if opts.steps < 1 or opts.warmup < 0:
+        raise OsslbenchError("--steps must be >= 1 and --warmup >= 0")
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    device = pick_device(opts.device)
+    splits = make_splits(protocol, opts.seed, opts.data_root)
+    data = load_run_data(protocol, splits, opts.data_root)
+    cls = get_method(method_name)
+    _, optim = method_config(cls, protocol)
+    iters = opts.warmup + opts.steps + 1
+    full_iters = protocol.train.iters_per_epoch or max(1, len(data.labelled_x) // protocol.train.batch_size)
+    schedule = Schedule(epochs=1, train=replace(protocol.train, iters_per_epoch=iters), optim=optim, seed=opts.seed)
+    report: dict = {"protocol": protocol.name, "scale": protocol.scale, "method": method_name,
+                    "teacher": protocol.models.teacher if cls.needs_teacher else None,
+                    "student": protocol.models.student, "device": str(device), "device_model": device_model(device),
+                    "threads": torch.get_num_threads(), "torch": torch.__version__, "warmup": opts.warmup}
+
+    # osslbench: the Trainer's own batches and step
+    method = _build(protocol, method_name, data, opts.teacher, opts.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(method, data, schedule, Path(tmp), "bench", device, progress=False)
+        cache = trainer.setup_teacher_cache()
+        probe = trainer.autocast()
+        precision = f"{probe.fast_dtype} autocast".replace("torch.", "") if isinstance(probe, torch.autocast) else "fp32"
+        method.train()
+        clock = StepClock(method, device)
+        batches = trainer.batches(0)
+        clock.run(batches, trainer.step, opts.warmup, timed=False)
+        clock.run(batches, trainer.step, opts.steps, timed=True)
+        clock.close()
+        flops = _flops(trainer.step, next(batches))
+    ours = clock.report(flops, precision)
+    ours["memory_format"] = "channels_last" if protocol.train.channels_last else "contiguous"
+    ours["teacher_cache"] = cache
+    report["osslbench"] = ours
+    report["epoch_iters"] = full_iters
+    report["epoch_s"] = {"osslbench": round(full_iters * ours["step_s"], 1)}
+
+    if opts.reference:
+        workers = opts.workers if opts.workers >= 0 else min(8, os.cpu_count() or 1)
+        ref_method = _build(protocol, method_name, data, opts.teacher, opts.seed).to(device)
+        if ref_method._teacher.module is not None:
+            ref_method.teacher.to(device)
+        ref_method.train()
+        params = [(n, p) for n, p in ref_method.named_parameters() if p.requires_grad]
+        optimizer = make_optimizer(params, optim)
+        decay = ref_method.cfg.ema_decay
+        ema = AveragedModel(ref_method, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True) if decay else None
+        rdata = reference_data(protocol, splits, opts.data_root, ref_method)
+        n_ulb = trainer.n_ulb
+        ref_batches = reference_batches(rdata, protocol.train.batch_size, n_ulb, workers, device, opts.seed)
+        step = lambda b: reference_step(ref_method, optimizer, b, ema)  # noqa: E731
+        rclock = StepClock(ref_method, device)
+        rclock.run(ref_batches, step, opts.warmup, timed=False)
+        rclock.run(ref_batches, step, opts.steps, timed=True)
+        rclock.close()
+        rflops = _flops(step, next(ref_batches))
+        ref = rclock.report(rflops, "fp32")
+        ref["memory_format"] = "contiguous"
+        ref["workers"] = workers
+        report["reference"] = ref
+        report["ratio"] = round(ours["img_per_s"] / ref["img_per_s"], 3)
+        report["epoch_s"]["reference"] = round(full_iters * ref["step_s"], 1)
+    return report
+
+
+def format_report(r: dict) -> str:
+    """The report as a short table."""
+    lines = [f"osslbench bench: {r['protocol']} [{r['scale']}] {r['method']}: "
+             f"{(r['teacher'] + ' -> ') if r['teacher'] else ''}{r['student']}",
+             f"device: {r['device']} ({r['device_model']}), {r['threads']} threads, torch {r['torch']}",
+             f"{'pipeline':<11} {'img/s':>8} {'step ms':>8} {'data':>6} {'teacher':>8} {'student':>8} {'loss':>6} "
+             f"{'GFLOP/step':>10} {'GFLOP/s':>8}  precision"]
+    for name in ("osslbench", "reference"):
+        if name not in r:
+            continue
+        p = r[name]
+        s = p["shares"]
+        lines.append(f"{name:<11} {p['img_per_s']:>8.1f} {1000 * p['step_s']:>8.1f} {s['data']:>6.1%} "
+                     f"{s['teacher']:>8.1%} {s['student']:>8.1%} {s['loss']:>6.1%} {p['gflop_per_step']:>10.2f} "
+                     f"{p['gflop_per_s']:>8.1f}  {p['precision']}, {p['memory_format']}"
+                     + (f", {p['workers']} workers" if "workers" in p else ""))
+    if "ratio" in r:
+        lines.append(f"ratio osslbench / reference: {r['ratio']:.2f}x "
+                     f"({r['osslbench']['images']} images each, {r['osslbench']['steps']} timed steps after {r['warmup']})")
+    c = r["osslbench"]["teacher_cache"]
+    lines.append("teacher cache: " + (f"on ({', '.join(c['outputs'])}; {c['MiB']} MiB; built in {c['build_s']} s)"
+                                      if c.get("used") else c.get("why", "off")))
+    epoch = ", ".join(f"{k} {v:,.0f} s" for k, v in r["epoch_s"].items())
+    lines.append(f"one epoch of {r['epoch_iters']} steps at this scale: {epoch}")
+    return "\n".join(lines)
