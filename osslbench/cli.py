@@ -110,7 +110,7 @@ def cmd_run(args: argparse.Namespace) -> None:
           f"{args.out}", file=sys.stderr)
     run_grid(points, methods, seeds, opts)
     table = write_leaderboard(args.out, protocol.name)
-    print(markdown(table[table["scale"] == protocol.scale]))
+    print(markdown(table[table["scale"] == protocol.scale_label]))
     print(f"osslbench: done in {time.perf_counter() - t0:.0f} s; {args.out / protocol.name / 'leaderboard.csv'}",
           file=sys.stderr)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -28,12 +28,16 @@ class MethodConfig:
         FixMatch: 7). Ignored by methods that use no unlabelled data.
     :param ema_decay: decay of an exponential moving average of the method's weights used for
         evaluation; 0 = evaluate the trained weights (FixMatch / MeanTeacher: 0.999).
+    :param ema_warmup: every EMA of the method (the evaluated one, Mean Teacher's teacher, OpenMatch's selection
+        model) warms up as TensorFlow's ``ExponentialMovingAverage`` with ``num_updates``:
+        ``min(d, (1 + t) / (10 + t))`` at update ``t`` (:mod:`osslbench.ema`); ``false`` = ``d`` from step 0.
     :param optim: overrides of the protocol's ``[optim]`` for this method (e.g. FixMatch's SGD
         Nesterov lr 0.03 with a cosine schedule); the method class's ``optim_defaults`` come first.
     """
 
     mu: float = 1.0
     ema_decay: float = 0.0
+    ema_warmup: bool = True
     optim: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -58,6 +62,8 @@ class Batch:
     :param x_sel: views of images drawn from the method's selected subset (``Method.selection``), in the
         order of ``Method.selected_views``; empty when the method selects nothing or the subset is empty.
     :param idx_sel: their positions in the pool.
+    :param x_lb_extra: further views of the same labelled images, in the order of ``Method.labelled_views[1:]``
+        (OpenMatch's second labelled view); empty for most methods.
     :param gen: the CPU generator of this epoch's random draws, seeded from ``(seed, epoch)``. A method
         draws its own random numbers (MixUp's lambda, random classes) from it, never from torch's global
         generator: that keeps runs reproducible, resumable and independent of other runs in the process.
@@ -74,6 +80,7 @@ class Batch:
     x_sel: list[Tensor] = field(default_factory=list)
     idx_sel: Tensor | None = None
     gen: torch.Generator = field(default_factory=torch.Generator)
+    x_lb_extra: list[Tensor] = field(default_factory=list)
 
     @property
     def progress(self) -> float:
@@ -117,9 +124,15 @@ class Method(nn.Module):
     :cvar needs_teacher: the Trainer supplies a frozen, eval-mode teacher.
     :cvar unlabelled_views: views of each unlabelled image the method wants: ``"weak"`` (flip +
         padded crop), ``"strong"`` (weak + RandAugment + Cutout), ``"plain"``; ``()`` = no unlabelled data.
+    :cvar labelled_views: views of each labelled image (``"weak"``: one, ``Batch.x_lb``; OpenMatch: two, the second
+        in ``Batch.x_lb_extra``).
     :cvar selected_views: views of a second unlabelled stream drawn from the subset the method
         selects each epoch (OpenMatch, MTC, T2T: re-selected from the WHOLE pool by ``on_epoch_start``,
-        returned by ``selection``); ``()`` = no such stream.
+        returned by ``selection``); ``()`` = no such stream. A subset smaller than one batch forms no batch
+        that epoch (the authors' ``drop_last`` loaders), so a tiny selection is never drawn hundreds of times.
+    :cvar padding_mode: padding of the random crop of the weak and strong views: ``"constant"`` (zeros,
+        RepDistiller's ``RandomCrop(32, padding=4)``, the distillers) or ``"reflect"`` (the FixMatch family's
+        ``RandomCrop(32, padding=4, padding_mode="reflect")``).
     :cvar needs_unlabelled: the method is meaningless without unlabelled images (every SSL method):
         ``mu = 0`` is a config error instead of an empty unlabelled batch (distillers may run closed-set).
     :cvar optim_defaults: the method's own optimiser settings, over the protocol's ``[optim]``.
@@ -131,7 +144,9 @@ class Method(nn.Module):
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     needs_teacher: ClassVar[bool] = False
     unlabelled_views: ClassVar[tuple[str, ...]] = ()
+    labelled_views: ClassVar[tuple[str, ...]] = ("weak",)
     selected_views: ClassVar[tuple[str, ...]] = ()
+    padding_mode: ClassVar[Literal["constant", "reflect"]] = "constant"
     needs_unlabelled: ClassVar[bool] = False
     optim_defaults: ClassVar[dict[str, Any]] = {}
     family: ClassVar[str] = ""
@@ -198,7 +213,7 @@ class Method(nn.Module):
         whose paper runs stages with their own schedules (T2T) overrides it. A function of the step alone, so
         that resume restores it."""
         total = epochs * steps_per_epoch
-        return lambda step: lr_factor(optim, step, total)
+        return lambda step: lr_factor(optim, step, total, steps_per_epoch)
 
     # --- helpers shared by the baselines -------------------------------------------------------
     def record(self, **values: Tensor | float) -> None:

@@ -13,7 +13,7 @@ from .protocol import Protocol
 
 RESULT = "result.json"
 # Columns averaged over seeds (mean and std), in leaderboard order.
-METRICS = ["top1_last", "top1_lastk", "top5_last", "auroc_last", "auroc_lastk", "train_s", "hook_s"]
+METRICS = ["top1_last", "top1_lastk", "top1_raw_last", "top5_last", "auroc_last", "auroc_lastk", "train_s", "hook_s"]
 
 
 def run_dir(out: Path, protocol: Protocol, method: str, seed: int) -> Path:
@@ -45,6 +45,15 @@ def write_result(path: Path, result: dict) -> None:
     tmp.replace(path)
 
 
+def _precision(result: dict) -> str:
+    """The precision a run used; results from before it was recorded ran with ``train.amp = true``, which was bf16
+    autocast on every CPU and bf16-capable GPU."""
+    if "precision" in result:
+        return result["precision"]
+    amp = result.get("config", {}).get("protocol", {}).get("train", {}).get("amp", True)
+    return "bf16" if amp is True else "fp32"
+
+
 def collect(out: Path, protocol: str | None = None) -> pd.DataFrame:
     """One row per student run found under ``out`` (teachers excluded)."""
     rows = []
@@ -55,12 +64,15 @@ def collect(out: Path, protocol: str | None = None) -> pd.DataFrame:
                 continue
             sizes = r.get("split", {})
             pool = sizes.get("unlabelled_seen", 0) + sizes.get("unlabelled_unseen", 0)
-            rows.append({"protocol": r["protocol"], "scale": r["scale"],
+            # a run whose --set changed its named scale is labelled so (``full+custom``), never plainly ``full``
+            scale = f"{r['scale']}+custom" if r.get("overrides") else r["scale"]
+            rows.append({"protocol": r["protocol"], "scale": scale,
                          **{f"sweep_{k}": v for k, v in r.get("sweep", {}).items()},
                          "method": r["method"], "seed": r["seed"], "config_hash": r["config_hash"],
                          "teacher_top1": r.get("teacher", {}).get("top1"),
                          # the unlabelled pool's real fraction of unseen-class images
                          "mismatch": sizes.get("unlabelled_unseen", 0) / pool if pool else float("nan"),
+                         "steps": r.get("steps"), "precision": _precision(r),
                          **r["metrics"]})
     return pd.DataFrame(rows)
 
@@ -77,6 +89,8 @@ def leaderboard(runs: pd.DataFrame) -> pd.DataFrame:
     table["seeds"] = grouped["seed"].nunique()
     table["teacher_top1"] = grouped["teacher_top1"].mean()
     table["mismatch"] = grouped["mismatch"].mean()
+    table["steps"] = grouped["steps"].max()
+    table["precision"] = grouped["precision"].agg(lambda s: "+".join(sorted(set(map(str, s)))))
     table["config_hashes"] = grouped["config_hash"].agg(lambda s: ",".join(sorted(set(s))))
     table = table.reset_index().sort_values([*keys[:-1], "top1_last"], ascending=[True] * (len(keys) - 1) + [False])
     return table.round(2)

@@ -27,7 +27,7 @@ from .teacher import get_teacher, teacher_config
 from .trainer import Schedule, Trainer, pick_device, seeded_init, summarize
 
 # Protocol keys that do not change a run's outcome, left out of its config hash.
-_NOT_HASHED = {"description", "paper", "methods", "seeds", "scales", "source_file", "method", "sweep"}
+_NOT_HASHED = {"description", "paper", "methods", "seeds", "scales", "source_file", "method", "sweep", "overrides"}
 
 
 @dataclass
@@ -99,11 +99,10 @@ def run_one(protocol: Protocol, method: str, seed: int, opts: RunOptions) -> dic
         return {"incomplete": True, "epochs_done": len(history)}
     result = {
         "role": "student", "protocol": protocol.name, "scale": protocol.scale, "sweep": protocol.sweep,
-        "method": method, "seed": seed,
+        "overrides": protocol.overrides, "method": method, "seed": seed,
         "config_hash": h, "config": tree, "teacher": teacher_record, "metrics": summarize(history, protocol.train.last_k),
-        "split": splits.summary()["sizes"], "wall_s": time.perf_counter() - t0, "device": str(device),
-        "threads": torch.get_num_threads(), "finished": datetime.now(UTC).isoformat(timespec="seconds"),
-        "versions": versions(),
+        "split": splits.summary()["sizes"], "wall_s": time.perf_counter() - t0, **trainer.run_facts(),
+        "finished": datetime.now(UTC).isoformat(timespec="seconds"), "versions": versions(),
     }
     write_result(folder / RESULT, result)
     (folder / "checkpoint.pt").unlink(missing_ok=True)  # the result is final; the checkpoint was for resume

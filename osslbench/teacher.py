@@ -92,12 +92,13 @@ def get_teacher(protocol: Protocol, seed: int, data: RunData, out: Path, device:
     summary = summarize(history, protocol.train.last_k)
     record = {"source": "trained", "arch": protocol.models.teacher, "config_hash": h,
               "top1": summary["top1_last"], "top5": summary["top5_last"], "train_s": summary["train_s"],
-              "epochs": protocol.train.teacher_epochs, "dir": str(folder)}
+              "epochs": protocol.train.teacher_epochs, "precision": trainer.precision, "dir": str(folder)}
     model = model.cpu().to(memory_format=torch.contiguous_format)
     atomic_write_bytes(folder / WEIGHTS, lambda p: torch.save({"model": model.state_dict(), "arch": model.arch}, p))
     write_result(folder / RESULT, {"role": "teacher", "protocol": protocol.name, "scale": protocol.scale,
                                    "sweep": protocol.sweep,
                                    "seed": seed, "config_hash": h, "config": cfg, "teacher": record,
-                                   "metrics": summary, "wall_s": time.perf_counter() - t0, "versions": versions()})
+                                   "metrics": summary, "wall_s": time.perf_counter() - t0, **trainer.run_facts(),
+                                   "versions": versions()})
     (folder / "checkpoint.pt").unlink(missing_ok=True)  # teacher.pt is the cache; the checkpoint was for resume
     return model, record

@@ -20,13 +20,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from .data.augment import normalize, rand_augment, random_crop_flip
 from .data.dataset import RunData
+from .ema import EMA
 from .errors import CheckpointError
 from .evaluate import evaluate
+from .hardware import describe, use_bf16
 from .method import Batch, Method, PoolAccess
 from .protocol import OptimConfig, TrainConfig
 
@@ -76,9 +77,9 @@ def make_optimizer(params: list[tuple[str, torch.nn.Parameter]], cfg: OptimConfi
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
 
 
-def autocast_context(device: torch.device, enabled: bool) -> Callable[[], contextlib.AbstractContextManager]:
-    """bf16 autocast where the device supports it, else a no-op context."""
-    ok = enabled and (device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported()))
+def autocast_context(device: torch.device, amp: bool | str) -> Callable[[], contextlib.AbstractContextManager]:
+    """bf16 autocast where ``amp`` resolves to bf16 on ``device`` (:func:`osslbench.hardware.use_bf16`), else a no-op."""
+    ok = use_bf16(device, amp)
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16) if ok else contextlib.nullcontext()
 
 
@@ -108,6 +109,7 @@ class Trainer:
         method.to(device=device, memory_format=self.memory_format)
         if method._teacher.module is not None:
             method.teacher.to(device=device, memory_format=self.memory_format)
+        self.precision = "bf16" if use_bf16(device, tc.amp) else "fp32"
         self.autocast = autocast_context(device, tc.amp)
         self.iters = tc.iters_per_epoch or max(1, len(data.labelled_x) // tc.batch_size)
         self.n_ulb = round(method.cfg.mu * tc.batch_size) if method.uses_unlabelled and len(data.unlabelled_x) else 0
@@ -116,7 +118,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, method.lr_schedule(schedule.optim, schedule.epochs, self.iters))
         decay = method.cfg.ema_decay
-        self.ema = AveragedModel(method, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True) if decay else None
+        self.ema = EMA(method, decay, method.cfg.ema_warmup) if decay else None
         self.history: list[dict] = []
 
     # --- data ------------------------------------------------------------------------------
@@ -127,13 +129,13 @@ class Trainer:
 
     def view(self, kind: str, x: Tensor, gen: torch.Generator) -> Tensor:
         """One augmented view of a uint8 batch (see ``Method.unlabelled_views``)."""
-        d = self.data
+        d, mode = self.data, self.method.padding_mode
         if kind == "weak":
-            return random_crop_flip(x, gen, padding=d.crop_padding, flip=d.flip)
+            return random_crop_flip(x, gen, padding=d.crop_padding, flip=d.flip, padding_mode=mode)
         if kind == "flip":
             return random_crop_flip(x, gen, padding=0, flip=d.flip)
         if kind == "strong":
-            return rand_augment(random_crop_flip(x, gen, padding=d.crop_padding, flip=d.flip), gen)
+            return rand_augment(random_crop_flip(x, gen, padding=d.crop_padding, flip=d.flip, padding_mode=mode), gen)
         if kind == "plain":
             return x
         raise ValueError(f"unknown view {kind!r}")
@@ -153,17 +155,18 @@ class Trainer:
         ulb = self.index_stream(len(d.unlabelled_x), self.n_ulb, self.iters, gen) if self.n_ulb else None
         subset = m.selection() if m.selected_views and self.n_ulb else None
         sel = None
-        if subset is not None and len(subset):
+        if subset is not None and len(subset) >= self.n_ulb:  # a subset smaller than a batch forms no batch
             sel = subset.cpu()[self.index_stream(len(subset), self.n_ulb, self.iters, gen)]
         for i in range(self.iters):
-            x = self.prepare(self.view("weak", d.labelled_x[lab[i]], gen))
+            x_l = d.labelled_x[lab[i]]
+            x, *x_extra = [self.prepare(self.view(k, x_l, gen)) for k in m.labelled_views]
             idx_u = ulb[i] if ulb is not None else torch.empty(0, dtype=torch.long)
             x_u = [self.prepare(self.view(k, d.unlabelled_x[idx_u], gen)) for k in m.unlabelled_views] if ulb is not None else []
             idx_s = sel[i] if sel is not None else None
             x_s = [self.prepare(self.view(k, d.unlabelled_x[idx_s], gen)) for k in m.selected_views] if sel is not None else []
             step = epoch * self.iters + i
             yield Batch(x, d.labelled_y[lab[i]].to(self.device), x_u, idx_u, epoch, step, self.iters, self.s.epochs,
-                        x_s, idx_s, gen)
+                        x_s, idx_s, gen, x_extra)
 
     def pool_map(self, fn: Callable[[Tensor], Tensor]) -> Tensor:
         """``fn`` over the whole unlabelled pool, in eval mode and without gradients (epoch hooks)."""
@@ -207,12 +210,24 @@ class Trainer:
         self.history = state["history"]
         return int(state["epoch"])
 
+    def run_facts(self) -> dict:
+        """How the run was computed, for its ``result.json``: steps, precision, memory format, threads, hardware."""
+        return {"steps": self.s.epochs * self.iters, "precision": self.precision,
+                "memory_format": "channels_last" if self.memory_format == torch.channels_last else "contiguous",
+                "device": str(self.device), "threads": torch.get_num_threads(), "hardware": describe(self.device)}
+
     # --- the loop -----------------------------------------------------------------------------
     def evaluate(self, bar: bool) -> dict[str, float]:
+        """The reported model's figures (the EMA's, when the method has one) and, beside them, the raw trained
+        weights' top-1 / top-5 (``top1_raw``), so a reader sees what the EMA changes."""
         model = self.ema.module if self.ema is not None else self.method
         progress = (lambda it: tqdm(it, desc=f"{self.desc} eval", leave=False, disable=not bar)) if bar else None
-        return evaluate(model, self.data.test_x, self.data.test_y, self.data.outlier_x, self.prepare,
-                        self.s.train.eval_batch_size, self.autocast, progress)
+        d, bs = self.data, self.s.train.eval_batch_size
+        out = evaluate(model, d.test_x, d.test_y, d.outlier_x, self.prepare, bs, self.autocast, progress)
+        if self.ema is not None:
+            raw = evaluate(self.method, d.test_x, d.test_y, d.outlier_x[:0], self.prepare, bs, self.autocast, progress)
+            out.update({f"{k}_raw": v for k, v in raw.items()})
+        return out
 
     def fit(self, stop_after: int | None = None) -> list[dict]:
         """Train to the last epoch (or stop after ``stop_after`` epochs, for tests); the epoch history."""
@@ -240,7 +255,7 @@ class Trainer:
                 self.scheduler.step()
                 self.method.after_step()
                 if self.ema is not None:
-                    self.ema.update_parameters(self.method)
+                    self.ema.update(self.method)
                 for k, v in terms.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach())
                 if i % 10 == 0:
@@ -267,7 +282,7 @@ def summarize(history: list[dict], last_k: int) -> dict[str, float]:
     out: dict[str, float] = {"epochs": history[-1]["epoch"], "last_k": len(tail),
                              "train_s": sum(r["train_s"] + r.get("eval_s", 0.0) for r in history),
                              "hook_s": sum(r.get("hook_s", 0.0) for r in history)}
-    for key in ("top1", "top5", "auroc"):
+    for key in ("top1", "top5", "auroc", "top1_raw"):
         if key in last:
             out[f"{key}_last"] = last[key]
             out[f"{key}_lastk"] = float(np.mean([r[key] for r in tail]))

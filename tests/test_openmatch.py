@@ -239,8 +239,9 @@ def test_ood_score_is_the_outlier_probability_of_the_predicted_class():
     assert (inlier_like < 0.5).all() and (outlier_like > 0.5).all()
 
 
-def test_selection_model_is_an_ema_of_the_trained_weights():
-    method = tiny_method(ema_decay=0.9)
+@pytest.mark.parametrize(("warmup", "decay"), [(False, 0.9), (True, 0.1)])  # update 0 of the warm-up: min(0.9, 1/10)
+def test_selection_model_is_an_ema_of_the_trained_weights(warmup, decay):
+    method = tiny_method(ema_decay=0.9, ema_warmup=warmup)
     assert all(not p.requires_grad for p in method.select_model.parameters())
     before = [p.clone() for p in method.select_model.parameters()]
     with torch.no_grad():
@@ -250,7 +251,7 @@ def test_selection_model_is_an_ema_of_the_trained_weights():
     method.after_step()
     live = [*method.student.parameters(), *method.ova.parameters()]
     for e, b, w in zip(method.select_model.parameters(), before, live, strict=True):
-        assert torch.allclose(e, 0.9 * b + 0.1 * w, atol=1e-6)
+        assert torch.allclose(e, decay * b + (1 - decay) * w, atol=1e-6)
     for e, w in zip(method.select_model.buffers(), [*method.student.buffers(), *method.ova.buffers()], strict=True):
         assert torch.equal(e, w)  # buffers copied, as FixMatch-pytorch's ModelEMA
     x = fixed(3, 1, 8, 8)

@@ -377,8 +377,12 @@ def test_trainer_run_switches_stage_and_selects(tmp_path):
             (tmp_path / "digits-openset" / "full" / "t2t" / "seed0" / "metrics.jsonl").read_text().splitlines()]
     assert [r["hook_stage"] for r in rows] == [1.0, 2.0, 2.0, 2.0]  # round(0.2 * 4) = 1 epoch of stage 1
     assert "loss_match_ulb" not in rows[0] and "loss_consistency" not in rows[0]
+    batch = 5 * 32  # mu x batch: a selection smaller than one batch forms no batch (the authors' drop_last loader)
     for r in rows[1:]:
-        assert 0.0 < r["hook_selected"] < 1.0 and "loss_match_ulb" in r and "loss_consistency" in r
+        assert 0.0 < r["hook_selected"] < 1.0
+        full = round(r["hook_selected"] * 480) >= batch
+        assert "loss_match_ulb" in r and ("loss_consistency" in r) == full
+    assert any("loss_consistency" in r for r in rows)
     assert "auroc" in rows[-1]
     # the lr after each epoch (that of its next step): stage 2 starts at step 4 of 16 with 0.03, then its cosine
     assert [r["lr"] for r in rows] == pytest.approx([0.03 * math.cos(7 * math.pi * k / 192) for k in (0, 4, 8, 12)])

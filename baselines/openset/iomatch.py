@@ -89,6 +89,7 @@ class IOMatch(Method):
     description = "IOMatch (Li et al. 2023): every unlabelled image trains an open-set (K+1) head; no filtering"
     Config = IOMatchConfig
     unlabelled_views = ("weak", "strong")
+    padding_mode = "reflect"  # USB (IOMatch's code): RandomCrop(padding=4, padding_mode="reflect")
     needs_unlabelled = True
     # USB's optimiser (the authors' configs): SGD Nesterov lr 0.03, momentum 0.9, cosine, no weight decay on BN and
     # biases. Weight decay 5e-4 (the authors' CIFAR-10 configs; their CIFAR-100 ones use 1e-3) as this harness's

@@ -159,6 +159,7 @@ class MTC(Method):
     description = "MTC (Yu et al. 2020): OOD head on self-refined domain labels; MixMatch on Otsu-selected inliers"
     Config = MTCConfig
     unlabelled_views = ("weak",)  # the pool stream of the domain loss (the authors' transform_train)
+    padding_mode = "reflect"  # MixMatch-pytorch: pad(x, 4) in "reflect" mode before the random crop
     needs_unlabelled = True
     selected_views = ("weak", "weak")  # MixMatch's K weak views of the selected images; set from cfg.k
     # MixMatch's optimiser (``--lr 0.002``, Adam, constant); weight decay is decoupled (after_step).
