@@ -180,15 +180,15 @@ class MTC(Method):
     # --- the OOD head ---------------------------------------------------------------------------
     def domain_logit(self, x: Tensor) -> Tensor:
         """``d(x)``, one logit per image (float32): high = in-distribution."""
-        _, h = pooled(self.student, x)
-        return self.domain_head(h).squeeze(1).float()
+        return self.domain_head(pooled(self.student, x)[1]).squeeze(1).float()
 
     def inlier_probability(self, x: Tensor) -> Tensor:
         """``sigmoid(d(x))``: the head's in-distribution probability (the authors' ``probs``)."""
         return torch.sigmoid(self.domain_logit(x))
 
-    def ood_score(self, x: Tensor, logits: Tensor) -> Tensor:
-        return 1.0 - self.inlier_probability(x)
+    def ood_score(self, x: Tensor, logits: Tensor, features: Tensor) -> Tensor:
+        """``1 - sigmoid(d(h))``: the head's outlier probability, on the evaluation pass's features."""
+        return 1.0 - torch.sigmoid(self.domain_head(features).squeeze(1).float())
 
     # --- schedule -------------------------------------------------------------------------------
     def warmup_epochs(self, epochs: int) -> int:

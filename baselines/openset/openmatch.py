@@ -134,8 +134,9 @@ class OpenMatch(Method):
         logits, logits_open = self.heads(x, select)
         return ova_outlier_score(logits_open, logits)
 
-    def ood_score(self, x: Tensor, logits: Tensor) -> Tensor:
-        return self.outlier_score(x)
+    def ood_score(self, x: Tensor, logits: Tensor, features: Tensor) -> Tensor:
+        """The OVA outlier probability of the predicted class, on the evaluation pass's logits and features."""
+        return ova_outlier_score(self.ova(features), logits)
 
     @torch.no_grad()
     def after_step(self) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,7 @@ from torch import Tensor
 
 from osslbench.method import Batch, Method, MethodConfig, cross_entropy
 from osslbench.models.base import Net
+from osslbench.ood import pooled
 
 
 def sigmoid_rampup(current: float, length: float) -> float:
@@ -142,6 +144,6 @@ class MeanTeacher(Method):
         for t, s in zip(self.mean_teacher.parameters(), self.student.parameters(), strict=True):
             t.mul_(d).add_((1.0 - d) * s)
 
-    def predict(self, x: Tensor) -> Tensor:
-        """The EMA teacher's logits (the model Mean Teacher reports)."""
-        return self.mean_teacher(x)
+    def predict(self, x: Tensor, features: bool = False) -> Any:
+        """The EMA teacher's logits (the model Mean Teacher reports); with ``features``, also its pooled features."""
+        return pooled(self.mean_teacher, x) if features else self.mean_teacher(x)
