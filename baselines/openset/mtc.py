@@ -18,7 +18,7 @@ restores them.
 Curriculum: at the start of every epoch after the warm-up, Otsu's threshold ``t`` of the domain labels of the
 WHOLE pool is computed and the images with ``y_i >= t`` (the high, in-distribution mode) are selected; MixMatch
 (:mod:`osslbench.baselines.mixmatch`) runs on them with the labelled batch. The selection is re-done from the
-whole pool every epoch, so an image rejected once can come back (REFERENCE.md, "Pitfalls"). The code's domain
+whole pool every epoch, so an image rejected once can come back (docs/deviations.md, "Pitfalls"). The code's domain
 labels are ``1 - OOD score`` of the paper (the authors' note in ``train``): higher = in-distribution.
 
     warm-up (``pre_epochs``):  L = L_d

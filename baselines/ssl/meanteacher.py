@@ -63,11 +63,11 @@ def softmax_mse(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
 
 @dataclass
 class MeanTeacherConfig(MethodConfig):
-    """Mean Teacher as the SRD authors ran it (``train_meanteacher.py``, REFERENCE.md), defects fixed.
+    """Mean Teacher as the SRD authors ran it (``train_meanteacher.py``; docs/baselines.md), defects fixed.
 
     :param mu: unlabelled images per labelled image (1: 100 + 100 in the authors' script).
     :param ema_decay: must stay 0: the EMA teacher below is already the evaluated average.
-    :param ema_teacher: decay ``d`` of the EMA teacher (0.999, REFERENCE.md; Tarvainen & Valpola's CIFAR-10
+    :param ema_teacher: decay ``d`` of the EMA teacher (0.999, docs/baselines.md; Tarvainen & Valpola's CIFAR-10
         setting is 0.99 / 0.999; the authors' script hard-codes 0.97, a defect fixed here).
     :param ema_warmup: use ``min(d, 1 - 1 / (k + 1))`` at step ``k`` (Tarvainen's ``update_ema_variables``,
         also in the authors' script): the teacher is the plain average of the weights until ``d`` takes over.
