@@ -146,10 +146,11 @@ def plot_leaderboard(table: pd.DataFrame, stem: Path, title: str) -> list[Path]:
         ax.grid(axis="x", alpha=0.3)
         if metric == "top1_last" and np.isfinite(teacher):
             ax.axvline(teacher, color="black", ls="--", lw=1)
-            ax.text(teacher, len(rows) - 0.45, f" teacher {teacher:.1f}", fontsize=8, va="top")
+            ax.text(teacher, 1.0, f"teacher {teacher:.1f}", fontsize=8, va="bottom", ha="center",
+                    transform=ax.get_xaxis_transform())
         if metric == "auroc_last":
             ax.axvline(50, color="grey", ls=":", lw=1)
-            ax.text(50, len(rows) - 0.45, " chance", fontsize=8, va="top", color="grey")
+            ax.text(50, 1.0, "chance", fontsize=8, va="bottom", ha="center", color="grey", transform=ax.get_xaxis_transform())
     fig.suptitle(title, fontsize=10)
     _family_legend(fig, list(rows["method"]))
     fig.tight_layout(rect=(0, 0.05, 1, 1))
