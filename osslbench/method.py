@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .models.base import Net
+from .ood import pooled
 from .protocol import OptimConfig, lr_factor
 
 
@@ -186,12 +187,17 @@ class Method(nn.Module):
         """Named loss terms of one step; the Trainer optimises their sum and logs each."""
         raise NotImplementedError
 
-    def predict(self, x: Tensor) -> Tensor:
-        """Logits used for evaluation (default: the student)."""
-        return self.student(x)
+    def predict(self, x: Tensor, features: bool = False) -> Any:
+        """Logits used for evaluation (default: the student's). With ``features``: ``(logits, h)``, ``h`` the pooled
+        final features of the SAME forward pass (the input of every head), which evaluation hands to
+        :meth:`ood_score`. A method that evaluates another network (Mean Teacher's EMA teacher) overrides both forms."""
+        return pooled(self.student, x) if features else self.student(x)
 
-    def ood_score(self, x: Tensor, logits: Tensor) -> Tensor:
-        """Outlier score, higher = more likely an outlier (default: 1 - max softmax probability)."""
+    def ood_score(self, x: Tensor, logits: Tensor, features: Tensor) -> Tensor:
+        """Outlier score, higher = more likely an outlier (default: 1 - max softmax probability).
+
+        ``logits`` and ``features`` come from the forward pass of ``predict(x, features=True)``: a method with an
+        OOD head applies it to ``features`` instead of running the backbone on ``x`` a second time."""
         return 1.0 - logits.float().softmax(dim=1).amax(dim=1)
 
     def on_epoch_start(self, pool: PoolAccess) -> dict[str, float]:

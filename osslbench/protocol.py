@@ -17,7 +17,7 @@ from .config import ADDED_LATER, build, deep_merge
 from .errors import ConfigError
 
 # CIFAR-100 channel statistics used by RepDistiller and the SRD code for every image,
-# labelled and unlabelled alike (REFERENCE.md, "Augmentation").
+# labelled and unlabelled alike (docs/protocols.md, "Augmentation").
 CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)
 CIFAR100_STD = (0.2675, 0.2565, 0.2761)
 

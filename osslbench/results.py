@@ -16,6 +16,22 @@ RESULT = "result.json"
 METRICS = ["top1_last", "top1_lastk", "top1_raw_last", "top5_last", "auroc_last", "auroc_lastk", "train_s", "hook_s"]
 
 
+def summarize(history: list[dict], last_k: int) -> dict[str, float]:
+    """Last-epoch and mean-of-last-k figures (never the best epoch: that would select on the test set)."""
+    evals = [r for r in history if "top1" in r]
+    if not evals:
+        return {}
+    last, tail = evals[-1], evals[-last_k:]
+    out: dict[str, float] = {"epochs": history[-1]["epoch"], "last_k": len(tail),
+                             "train_s": sum(r["train_s"] + r.get("eval_s", 0.0) for r in history),
+                             "hook_s": sum(r.get("hook_s", 0.0) for r in history)}
+    for key in ("top1", "top5", "auroc", "top1_raw"):
+        if key in last:
+            out[f"{key}_last"] = last[key]
+            out[f"{key}_lastk"] = float(np.mean([r[key] for r in tail]))
+    return out
+
+
 def run_dir(out: Path, protocol: Protocol, method: str, seed: int) -> Path:
     """``<out>/<protocol>/<scale>[/<sweep point>]/<method>/seed<k>``: where a run keeps everything it writes."""
     return protocol.folder(out) / method / f"seed{seed}"

@@ -22,9 +22,9 @@ from .models import build_model
 from .models.checkpoint import load_state
 from .protocol import Protocol
 from .registry import get_method, method_config
-from .results import RESULT, read_result, run_dir, versions, write_result
+from .results import RESULT, read_result, run_dir, summarize, versions, write_result
 from .teacher import get_teacher, teacher_config
-from .trainer import Schedule, Trainer, pick_device, seeded_init, summarize
+from .trainer import Schedule, Trainer, pick_device, seeded_init
 
 # Protocol keys that do not change a run's outcome, left out of its config hash.
 _NOT_HASHED = {"description", "paper", "methods", "seeds", "scales", "source_file", "method", "sweep", "overrides"}

@@ -26,8 +26,8 @@ from .models.base import Net
 from .models.checkpoint import load_state
 from .protocol import Protocol
 from .registry import get_method
-from .results import RESULT, read_result, versions, write_result
-from .trainer import Schedule, Trainer, atomic_write_bytes, autocast_context, seeded_init, summarize
+from .results import RESULT, read_result, summarize, versions, write_result
+from .trainer import Schedule, Trainer, atomic_write_bytes, autocast_context, seeded_init
 
 WEIGHTS = "teacher.pt"
 

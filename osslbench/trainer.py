@@ -1,9 +1,10 @@
 """The Trainer: optimiser, schedule, precision, EMA, evaluation, checkpoints and resume.
 
-Resume is exact at epoch boundaries: every random stream of an epoch (sampling order,
-augmentation, the methods' own randomness through ``Batch.gen``) is seeded from ``(seed, epoch)``, so an
-epoch run after a restart draws the same numbers as it would have without the interruption. Torch's global
-generator is never used while training: runs sharing a process (Dask threads) would reseed each other.
+Resume is exact at epoch boundaries: every random stream of an epoch (sampling order, augmentation, the
+methods' own randomness through ``Batch.gen``) is seeded from ``(seed, epoch)`` by the batch pipeline
+(:mod:`osslbench.data.pipeline`), so an epoch run after a restart draws the same numbers as it would have
+without the interruption. Torch's global generator is never used while training: runs sharing a process
+(Dask threads) would reseed each other.
 """
 
 from __future__ import annotations
@@ -17,27 +18,21 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .data.augment import normalize, rand_augment, random_crop_flip
 from .data.dataset import RunData
+from .data.pipeline import BatchPipeline
 from .ema import EMA
 from .errors import CheckpointError
 from .evaluate import evaluate
 from .hardware import describe, use_bf16
-from .method import Batch, Method, PoolAccess
+from .method import Method, PoolAccess
 from .protocol import OptimConfig, TrainConfig
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
-
-
-def derived_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (e.g. run seed, epoch, stream id), stable across runs and platforms."""
-    return int(np.random.SeedSequence(list(parts)).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
 _INIT_LOCK = threading.Lock()
@@ -112,7 +107,9 @@ class Trainer:
         self.precision = "bf16" if use_bf16(device, tc.amp) else "fp32"
         self.autocast = autocast_context(device, tc.amp)
         self.iters = tc.iters_per_epoch or max(1, len(data.labelled_x) // tc.batch_size)
-        self.n_ulb = round(method.cfg.mu * tc.batch_size) if method.uses_unlabelled and len(data.unlabelled_x) else 0
+        n_ulb = round(method.cfg.mu * tc.batch_size) if method.uses_unlabelled and len(data.unlabelled_x) else 0
+        self.pipeline = BatchPipeline(data, schedule.seed, tc.batch_size, self.iters, schedule.epochs, n_ulb, device,
+                                      self.memory_format)
         self.optimizer = make_optimizer([(n, p) for n, p in method.named_parameters() if p.requires_grad],
                                         schedule.optim)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -123,63 +120,12 @@ class Trainer:
 
     # --- data ------------------------------------------------------------------------------
     def prepare(self, x: Tensor) -> Tensor:
-        """uint8 batch -> normalised float on the device in the chosen memory format."""
-        x = normalize(x.to(self.device, non_blocking=True), self.data.mean, self.data.std)
-        return x.contiguous(memory_format=self.memory_format)
-
-    def view(self, kind: str, x: Tensor, gen: torch.Generator) -> Tensor:
-        """One augmented view of a uint8 batch (see ``Method.unlabelled_views``)."""
-        d, mode = self.data, self.method.padding_mode
-        if kind == "weak":
-            return random_crop_flip(x, gen, padding=d.crop_padding, flip=d.flip, padding_mode=mode)
-        if kind == "flip":
-            return random_crop_flip(x, gen, padding=0, flip=d.flip)
-        if kind == "strong":
-            return rand_augment(random_crop_flip(x, gen, padding=d.crop_padding, flip=d.flip, padding_mode=mode), gen)
-        if kind == "plain":
-            return x
-        raise ValueError(f"unknown view {kind!r}")
-
-    @staticmethod
-    def index_stream(n: int, per_step: int, steps: int, gen: torch.Generator) -> Tensor:
-        """``steps x per_step`` indices: concatenated random permutations of ``range(n)``."""
-        need = per_step * steps
-        perms = [torch.randperm(n, generator=gen) for _ in range(-(-need // n))]
-        return torch.cat(perms)[:need].view(steps, per_step)
-
-    def batches(self, epoch: int) -> Iterator[Batch]:
-        """The epoch's batches; every random draw comes from ``(seed, epoch)``."""
-        seed, d, b, m = self.s.seed, self.data, self.s.train.batch_size, self.method
-        gen = torch.Generator().manual_seed(derived_seed(seed, epoch, 1))
-        lab = self.index_stream(len(d.labelled_x), b, self.iters, gen)
-        ulb = self.index_stream(len(d.unlabelled_x), self.n_ulb, self.iters, gen) if self.n_ulb else None
-        subset = m.selection() if m.selected_views and self.n_ulb else None
-        sel = None
-        if subset is not None and len(subset) >= self.n_ulb:  # a subset smaller than a batch forms no batch
-            sel = subset.cpu()[self.index_stream(len(subset), self.n_ulb, self.iters, gen)]
-        for i in range(self.iters):
-            x_l = d.labelled_x[lab[i]]
-            x, *x_extra = [self.prepare(self.view(k, x_l, gen)) for k in m.labelled_views]
-            idx_u = ulb[i] if ulb is not None else torch.empty(0, dtype=torch.long)
-            x_u = [self.prepare(self.view(k, d.unlabelled_x[idx_u], gen)) for k in m.unlabelled_views] if ulb is not None else []
-            idx_s = sel[i] if sel is not None else None
-            x_s = [self.prepare(self.view(k, d.unlabelled_x[idx_s], gen)) for k in m.selected_views] if sel is not None else []
-            step = epoch * self.iters + i
-            yield Batch(x, d.labelled_y[lab[i]].to(self.device), x_u, idx_u, epoch, step, self.iters, self.s.epochs,
-                        x_s, idx_s, gen, x_extra)
+        """uint8 batch -> normalised float on the device (the pipeline's)."""
+        return self.pipeline.prepare(x)
 
     def pool_map(self, fn: Callable[[Tensor], Tensor]) -> Tensor:
         """``fn`` over the whole unlabelled pool, in eval mode and without gradients (epoch hooks)."""
-        was = self.method.training
-        self.method.eval()
-        out = []
-        bs = self.s.train.eval_batch_size
-        with torch.no_grad():
-            for start in range(0, len(self.data.unlabelled_x), bs):
-                with self.autocast():
-                    out.append(fn(self.prepare(self.data.unlabelled_x[start:start + bs])).float().cpu())
-        self.method.train(was)
-        return torch.cat(out) if out else torch.empty(0)
+        return self.pipeline.pool_map(self.method, fn, self.s.train.eval_batch_size, self.autocast)
 
     # --- checkpoints --------------------------------------------------------------------------
     def save(self, epoch: int) -> None:
@@ -241,7 +187,7 @@ class Trainer:
             row: dict = {"epoch": epoch + 1, **{f"hook_{k}": v for k, v in self.method.on_epoch_start(pool).items()}}
             row["hook_s"] = time.perf_counter() - t0  # the cost of re-scoring the pool (selection methods)
             sums: dict[str, float] = {}
-            bar = tqdm(self.batches(epoch), total=self.iters, desc=f"{self.desc} {epoch + 1}/{epochs}",
+            bar = tqdm(self.pipeline.batches(epoch, self.method), total=self.iters, desc=f"{self.desc} {epoch + 1}/{epochs}",
                        leave=False, disable=not self.progress)
             for i, batch in enumerate(bar):
                 with self.autocast():
@@ -272,18 +218,3 @@ class Trainer:
             self.save(epoch + 1)
         return self.history
 
-
-def summarize(history: list[dict], last_k: int) -> dict[str, float]:
-    """Last-epoch and mean-of-last-k figures (never the best epoch: that would select on the test set)."""
-    evals = [r for r in history if "top1" in r]
-    if not evals:
-        return {}
-    last, tail = evals[-1], evals[-last_k:]
-    out: dict[str, float] = {"epochs": history[-1]["epoch"], "last_k": len(tail),
-                             "train_s": sum(r["train_s"] + r.get("eval_s", 0.0) for r in history),
-                             "hook_s": sum(r.get("hook_s", 0.0) for r in history)}
-    for key in ("top1", "top5", "auroc", "top1_raw"):
-        if key in last:
-            out[f"{key}_last"] = last[key]
-            out[f"{key}_lastk"] = float(np.mean([r[key] for r in tail]))
-    return out

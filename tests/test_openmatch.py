@@ -180,8 +180,9 @@ def test_trainer_gives_the_selected_stream_only_after_the_warm_up(tmp_path):
     assert ["loss_fix" in row for row in history] == [False, False, True, True]
     assert ["hook_selected" in row for row in history] == [False, False, True, True]
     assert all(row["hook_selected"] == 1.0 for row in history[2:])  # inlier_threshold 1: every image is selected
-    # two epochs of scoring the whole pool (10 images) for the selection, plus evaluation's OOD scores
-    assert sum(sizes) == 2 * 10 + 4 * (6 + 4)
+    # two epochs of scoring the whole pool (10 images) for the selection; evaluation's OOD scores reuse the
+    # evaluation pass's features (one backbone pass per image: tests/test_evaluate.py counts it)
+    assert sum(sizes) == 2 * 10
 
 
 # --- the FixMatch term, the heads, the OOD score ------------------------------------------------------
@@ -226,16 +227,16 @@ def test_ood_score_is_the_outlier_probability_of_the_predicted_class():
     method = tiny_method().eval()
     x = fixed(5, 1, 8, 8)
     with torch.no_grad():
-        logits = method.predict(x)
-        scores = method.ood_score(x, logits)
+        logits, h = method.predict(x, features=True)
+        scores = method.ood_score(x, logits, h)
         _, logits_open = method.heads(x)
         assert torch.allclose(scores, ova_outlier_score(logits_open, logits))
         # orientation: inlier logits above the outlier logits -> low score; below -> high score (higher = outlier)
         method.ova.weight.zero_()
         method.ova.weight[K:] = 1.0  # pooled features are >= 0 (ReLU), so every inlier logit is >= 0
-        inlier_like = method.ood_score(x, logits)
+        inlier_like = method.ood_score(x, logits, h)
         method.ova.weight[K:] = -1.0
-        outlier_like = method.ood_score(x, logits)
+        outlier_like = method.ood_score(x, logits, h)
     assert (inlier_like < 0.5).all() and (outlier_like > 0.5).all()
 
 

@@ -350,9 +350,9 @@ def test_ood_score_is_high_for_images_the_matching_head_rejects():
     method.cmm = FeatureHead()
     x = images(9, 12)
     with torch.no_grad():  # as in evaluate()
-        logits = method.predict(x)
+        logits, h = method.predict(x, features=True)
         m = method.matching_logit(x)
-        ood = method.ood_score(x, logits)
+        ood = method.ood_score(x, logits, h)
         assert torch.allclose(ood, 1 - method.matching_score(x), atol=1e-6)
     assert torch.equal(ood.argsort(), m.argsort(descending=True))  # higher match, lower outlier score
     accepted, rejected = m > 0, m < 0
@@ -364,7 +364,7 @@ def test_ood_score_is_high_for_images_the_matching_head_rejects():
 
     method.cmm = Saturated()
     with torch.no_grad():
-        ood = method.ood_score(x[:3], logits[:3])
+        ood = method.ood_score(x[:3], logits[:3], h[:3])
     assert (ood > 0).all() and ood[0] > ood[1] > ood[2]  # 1 - sigmoid would tie them at 0 in float32
 
 

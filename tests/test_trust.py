@@ -14,6 +14,7 @@ import osslbench.hardware as hardware
 from osslbench.cli import main
 from osslbench.config import parse_overrides
 from osslbench.data.dataset import load_run_data, make_splits
+from osslbench.data.pipeline import views
 from osslbench.ema import EMA
 from osslbench.method import Batch, Method
 from osslbench.models import build_model
@@ -137,7 +138,7 @@ def test_openmatch_trains_ce_and_ova_on_two_labelled_views(tmp_path):
     from osslbench.ood import ova_loss
 
     trainer = _trainer(tmp_path, "openmatch")
-    batch = next(trainer.batches(0))
+    batch = next(trainer.pipeline.batches(0, trainer.method))
     assert len(batch.x_lb_extra) == 1 and not torch.equal(batch.x_lb, batch.x_lb_extra[0])
     m = trainer.method.eval()  # BatchNorm on running statistics: per-image outputs do not depend on the batch
     with torch.no_grad():
@@ -173,7 +174,7 @@ def test_a_selection_smaller_than_a_batch_forms_no_batch(tmp_path):
         m = _Selects(Method.Config(), model, num_classes=data.num_classes)
         m.subset = torch.arange(size)
         t = Trainer(m, data, trainer.s, tmp_path / f"sel{size}", "h", torch.device("cpu"), progress=False)
-        batches = list(t.batches(0))
+        batches = list(t.pipeline.batches(0, m))
         assert all(bool(b.x_sel) is expect for b in batches)
         if expect:  # drawn as permutations of the subset, never with replacement inside one pass
             drawn = torch.cat([b.idx_sel for b in batches])[:size]
@@ -184,10 +185,8 @@ def test_a_selection_smaller_than_a_batch_forms_no_batch(tmp_path):
                                                ("openmatch", False), ("mixmatch", False)])
 def test_weak_view_padding_follows_each_family(tmp_path, method, zeros):
     """Distillers crop with zero padding (RepDistiller); the FixMatch family pads by reflection."""
-    trainer = _trainer(tmp_path, "supervised")
-    trainer.method.padding_mode = get_method(method).padding_mode
     x = torch.full((256, 1, 8, 8), 200, dtype=torch.uint8)
-    view = trainer.view("weak", x, torch.Generator().manual_seed(0))
+    view = views(x, ["weak"], torch.Generator().manual_seed(0), padding=1, flip=False, mode=get_method(method).padding_mode)[0]
     assert bool((view == 0).any()) is zeros
 
 

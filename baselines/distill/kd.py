@@ -1,7 +1,7 @@
 """KD: Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network", 2015.
 
 Cross-entropy on labelled images plus the temperature-scaled KL divergence to the teacher on every
-image of the batch, labelled and unlabelled (the SRD paper's open-set setting, REFERENCE.md).
+image of the batch, labelled and unlabelled (the SRD paper's open-set setting, docs/baselines.md, "Distillation baselines").
 """
 
 from __future__ import annotations

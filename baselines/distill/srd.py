@@ -27,7 +27,7 @@ from osslbench.models.base import Net
 
 @dataclass
 class SRDConfig(MethodConfig):
-    """The authors' SRD settings (REFERENCE.md, "SRD, exactly").
+    """The authors' SRD settings (docs/srd.md, "The loss").
 
     :param gamma: cross-entropy weight on labelled images (1).
     :param alpha: KD weight (0: SRD uses no KL term on the student's own logits).

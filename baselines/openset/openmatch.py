@@ -7,7 +7,7 @@ minimisation) and consistent between two augmentations (soft open-set consistenc
 After a warm-up, the unlabelled images whose OVA head of the predicted class calls them inliers (outlier
 probability < 0.5) are selected, and FixMatch trains on them. The selection is made again from the WHOLE
 pool at the start of every epoch (as ``exclude_dataset`` does after ``init_index``); it never shrinks the
-pool for good (REFERENCE.md "Pitfalls"). Per step:
+pool for good (docs/deviations.md, "Pitfalls"). Per step:
 
     L = CE(z(x), y) + L_ova(z_open(x), y)                                          [labelled, weak view]
         + lambda_em * (H_ova(u1) + H_ova(u2)) / 2 + lambda_socr * SOCR(u1, u2)     [all unlabelled, two weak views]
@@ -138,8 +138,9 @@ class OpenMatch(Method):
         logits, logits_open = self.heads(x, select)
         return ova_outlier_score(logits_open, logits)
 
-    def ood_score(self, x: Tensor, logits: Tensor) -> Tensor:
-        return self.outlier_score(x)
+    def ood_score(self, x: Tensor, logits: Tensor, features: Tensor) -> Tensor:
+        """The OVA outlier probability of the predicted class, on the evaluation pass's logits and features."""
+        return ova_outlier_score(self.ova(features), logits)
 
     def after_step(self) -> None:
         """Selection model: parameters ``e = d * e + (1 - d) * w`` with the project's EMA warm-up

@@ -18,7 +18,7 @@ from osslbench.method import Batch, Method, MethodConfig, cross_entropy
 
 @dataclass
 class FixMatchConfig(MethodConfig):
-    """FixMatch's CIFAR settings (paper, Table 7 / REFERENCE.md).
+    """FixMatch's CIFAR settings (paper, Table 7; docs/baselines.md, "Semi-supervised baselines").
 
     :param mu: unlabelled images per labelled image (7).
     :param ema_decay: EMA of the weights used for evaluation (0.999).

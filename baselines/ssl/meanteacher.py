@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,7 @@ from torch import Tensor
 from osslbench.ema import ema_update, warmup_decay
 from osslbench.method import Batch, Method, MethodConfig, cross_entropy
 from osslbench.models.base import Net
+from osslbench.ood import pooled
 
 
 def sigmoid_rampup(current: float, length: float) -> float:
@@ -62,11 +64,11 @@ def softmax_mse(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
 
 @dataclass
 class MeanTeacherConfig(MethodConfig):
-    """Mean Teacher as the SRD authors ran it (``train_meanteacher.py``, REFERENCE.md), defects fixed.
+    """Mean Teacher as the SRD authors ran it (``train_meanteacher.py``; docs/baselines.md), defects fixed.
 
     :param mu: unlabelled images per labelled image (1: 100 + 100 in the authors' script).
     :param ema_decay: must stay 0: the EMA teacher below is already the evaluated average.
-    :param ema_teacher: decay ``d`` of the EMA teacher (0.999, REFERENCE.md; Tarvainen & Valpola's CIFAR-10
+    :param ema_teacher: decay ``d`` of the EMA teacher (0.999, docs/baselines.md; Tarvainen & Valpola's CIFAR-10
         setting is 0.99 / 0.999; the authors' script hard-codes 0.97, a defect fixed here).
     :param ema_warmup: the project's one EMA warm-up, ``min(d, (1 + k) / (10 + k))`` at update ``k``
         (:mod:`osslbench.ema`). Tarvainen's ``update_ema_variables`` (and the authors' script) use
@@ -140,6 +142,6 @@ class MeanTeacher(Method):
         ema_update(self.mean_teacher, self.student, self.teacher_decay(), buffers=False)
         self.ema_steps += 1
 
-    def predict(self, x: Tensor) -> Tensor:
-        """The EMA teacher's logits (the model Mean Teacher reports)."""
-        return self.mean_teacher(x)
+    def predict(self, x: Tensor, features: bool = False) -> Any:
+        """The EMA teacher's logits (the model Mean Teacher reports); with ``features``, also its pooled features."""
+        return pooled(self.mean_teacher, x) if features else self.mean_teacher(x)

@@ -33,7 +33,7 @@ from osslbench.models.base import Net
 
 @dataclass
 class MixMatchConfig(MethodConfig):
-    """MixMatch's CIFAR settings (paper, Sec. 4 / official code; REFERENCE.md).
+    """MixMatch's CIFAR settings (paper, Sec. 4 / official code; docs/baselines.md).
 
     :param mu: unlabelled images per labelled image (1: 64 + 64).
     :param ema_decay: EMA of the weights used for evaluation (0.999).

@@ -25,7 +25,7 @@ from osslbench.method import Batch, Method, MethodConfig, cross_entropy
 
 @dataclass
 class PseudoLabelConfig(MethodConfig):
-    """PseudoLabel as the SRD authors ran it (``train_pseudolabel.py``, REFERENCE.md), defects fixed.
+    """PseudoLabel as the SRD authors ran it (``train_pseudolabel.py``; docs/baselines.md), defects fixed.
 
     :param mu: unlabelled images per labelled image (1: 100 + 100 in the authors' script).
     :param threshold: keep a pseudo-label only if its softmax PROBABILITY is >= threshold (0 = plain argmax,
