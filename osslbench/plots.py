@@ -12,7 +12,16 @@ matplotlib.use("Agg")  # files only; no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 
 from .errors import OsslbenchError  # noqa: E402
+from .fsio import atomic_write  # noqa: E402
 from .results import collect, leaderboard  # noqa: E402
+
+
+def _save(fig, path: Path) -> None:
+    """Save and close ``fig`` atomically (a killed ``plot`` never leaves a truncated image)."""
+    try:
+        atomic_write(path, lambda p: fig.savefig(p, dpi=120, format=path.suffix.lstrip(".")))
+    finally:
+        plt.close(fig)
 
 
 def plot_leaderboard(table, path: Path, title: str) -> Path:
@@ -31,8 +40,7 @@ def plot_leaderboard(table, path: Path, title: str) -> Path:
     seeds = ",".join(str(s) for s in sorted(set(table["seeds"])))
     fig.suptitle(f"{title} (seeds per row: {seeds})")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
     return path
 
 
@@ -40,7 +48,10 @@ def plot_curves(folder: Path, path: Path, title: str) -> Path:
     """Test top-1 per epoch of every method's seed-0 run under ``folder`` (a ``<protocol>/<scale>`` folder)."""
     fig, ax = plt.subplots(figsize=(7, 4))
     for metrics in sorted(folder.glob("*/seed0/metrics.jsonl")):
-        rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+        try:
+            rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+        except (OSError, ValueError) as exc:
+            raise OsslbenchError(f"{metrics} is damaged ({type(exc).__name__}); delete it or rerun that run") from None
         rows = [r for r in rows if "top1" in r]
         ax.plot([r["epoch"] for r in rows], [r["top1"] for r in rows], label=metrics.parent.parent.name)
     ax.set_xlabel("epoch")
@@ -48,8 +59,7 @@ def plot_curves(folder: Path, path: Path, title: str) -> Path:
     ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
     return path
 
 
@@ -64,8 +74,7 @@ def plot_sweep(table, key: str, path: Path, title: str) -> Path:
     axes[0].legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
     return path
 
 
