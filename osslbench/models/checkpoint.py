@@ -46,7 +46,7 @@ def _numpy_scalars() -> list[Any]:
 
 #: What a checkpoint may hold besides tensors and plain containers: RepDistiller's ``*_last.pth`` pickles its
 #: argparse ``opt`` (``train_student.py``: ``state = {"opt": opt, ...}``), and numpy scalars. Nothing else is
-#: ever unpickled: no fallback to ``weights_only=False``.
+#: ever unpickled: there is no fallback to an unrestricted load.
 SAFE_GLOBALS: list[Any] = [argparse.Namespace, *_numpy_scalars()]
 
 
@@ -67,8 +67,9 @@ def safe_load(path: Path, map_location: Any = "cpu") -> Any:
     except pickle.UnpicklingError as e:
         refused = _refused_global(e)
         if refused:
-            raise CheckpointError(f"refused to load {path}: it holds a {refused} object, which could run code when "
-                                  "unpickled (only tensors, plain values and argparse.Namespace are loaded)") from None
+            raise CheckpointError(f"refused to load {path}: it references {refused!r}, which could run code when "
+                                  "unpickled (only tensors, plain values, numpy scalars and argparse.Namespace are "
+                                  "loaded)") from None
         raise CheckpointError(f"cannot read checkpoint {path}: not a PyTorch checkpoint ({_one_line(e)})") from None
     except OSError as e:
         raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror or _one_line(e)}") from None
