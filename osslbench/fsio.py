@@ -128,12 +128,12 @@ class RunLock:
     The lock is ``flock`` on ``<folder>/.lock``, which holds the owner's pid (for the message another process
     prints). ``wait=True`` waits for the owner (one line on stderr says so), ``wait=False`` raises
     :class:`RunLockedError`. On release the lock file is removed, and ``folder`` too when nothing else is in it
-    (a run that failed before writing anything leaves nothing). Stale temporary files of a killed owner are
-    removed once the lock is held.
+    (a run that failed before writing anything leaves nothing). With ``own_temporaries`` (a run folder, where
+    every writer holds the lock) stale temporary files of a killed owner are removed once the lock is held.
     """
 
-    def __init__(self, folder: Path, wait: bool = True, poll_s: float = 0.2) -> None:
-        self.folder, self.wait, self.poll_s = Path(folder), wait, poll_s
+    def __init__(self, folder: Path, wait: bool = True, poll_s: float = 0.2, own_temporaries: bool = True) -> None:
+        self.folder, self.wait, self.poll_s, self.own_temporaries = Path(folder), wait, poll_s, own_temporaries
         self.fd: int | None = None
 
     @property
@@ -179,7 +179,8 @@ class RunLock:
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()}\n".encode())
             self.fd = fd
-            remove_stale_temporaries(self.folder)
+            if self.own_temporaries:
+                remove_stale_temporaries(self.folder)
             return self
 
     def release(self) -> None:

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import CheckpointError
-from .fsio import atomic_write_text
+from .fsio import RunLock, atomic_write_text
 from .protocol import Protocol
 
 RESULT = "result.json"
@@ -108,8 +108,9 @@ def markdown(table: pd.DataFrame) -> str:
 
 def write_leaderboard(out: Path, protocol: str) -> pd.DataFrame:
     """Write ``<out>/<protocol>/leaderboard.csv`` and ``.md`` from the runs' ``result.json`` files."""
-    table = leaderboard(collect(out, protocol))
     folder = out / protocol
-    atomic_write_text(folder / "leaderboard.csv", table.to_csv(index=False))
-    atomic_write_text(folder / "leaderboard.md", markdown(table))
+    with RunLock(folder, own_temporaries=False):  # collected and written as one step: a concurrent run's result is never dropped
+        table = leaderboard(collect(out, protocol))
+        atomic_write_text(folder / "leaderboard.csv", table.to_csv(index=False))
+        atomic_write_text(folder / "leaderboard.md", markdown(table))
     return table
