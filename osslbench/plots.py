@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import colorsys
 import json
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from .errors import OsslbenchError  # noqa: E402
+from .fsio import atomic_write  # noqa: E402
 from .results import collect, leaderboard  # noqa: E402
 
 matplotlib.rcParams["svg.hashsalt"] = "osslbench"  # reproducible SVG ids
@@ -94,15 +94,15 @@ def describe(rows: pd.DataFrame, scale: str, point: str = "") -> str:
 
 def save(fig: plt.Figure, stem: Path) -> list[Path]:
     """``stem.png`` and ``stem.svg``, each written to a temporary file then renamed."""
-    stem.parent.mkdir(parents=True, exist_ok=True)
     paths = []
-    for ext in FORMATS:
-        path = stem.with_name(f"{stem.name}.{ext}")
-        tmp = path.with_name(f".{path.stem}.tmp.{ext}")
-        fig.savefig(tmp, dpi=120, format=ext, metadata={"Date": None} if ext == "svg" else None)
-        os.replace(tmp, path)
-        paths.append(path)
-    plt.close(fig)
+    try:
+        for ext in FORMATS:
+            path = stem.with_name(f"{stem.name}.{ext}")
+            atomic_write(path, lambda p, ext=ext: fig.savefig(p, dpi=120, format=ext,
+                                                             metadata={"Date": None} if ext == "svg" else None))
+            paths.append(path)
+    finally:
+        plt.close(fig)
     return paths
 
 
@@ -207,7 +207,10 @@ def _curves(folder: Path) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]
     for run in sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []:
         series = {}
         for metrics in sorted(run.glob("seed*/metrics.jsonl")):
-            rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+            try:
+                rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+            except (OSError, ValueError) as exc:
+                raise OsslbenchError(f"{metrics} is damaged ({type(exc).__name__}); delete it or rerun that run") from None
             series[metrics.parent.name] = {r["epoch"]: r["top1"] for r in rows if "top1" in r}
         if series:
             frame = pd.DataFrame(series).sort_index()
@@ -250,7 +253,7 @@ def _run_facts(out: Path, protocol: str) -> pd.DataFrame:
     rows = []
     for path in sorted((out / protocol).rglob("seed*/result.json")):
         r = json.loads(path.read_text())
-        if r.get("role") != "student":
+        if r.get("role") != "student" or "config" not in r:
             continue
         train = r["config"]["protocol"]["train"]
         iters = train.get("iters_per_epoch") or max(1, r.get("split", {}).get("labelled", 0) // train["batch_size"])
@@ -266,9 +269,10 @@ def _table(out: Path, protocol: str) -> pd.DataFrame:
     and ``precision`` from the runs' configs where the CSV has no such column."""
     csv = out / protocol / "leaderboard.csv"
     table = pd.read_csv(csv) if csv.exists() else leaderboard(collect(out, protocol))
-    missing = [c for c in ("steps", "precision") if c not in table]
-    facts = _run_facts(out, protocol)
-    if missing and not facts.empty:
+    missing = [c for c in ("steps", "precision") if c not in table or table[c].isna().all()]
+    table = table.drop(columns=[c for c in missing if c in table])
+    facts = _run_facts(out, protocol) if missing else pd.DataFrame()
+    if not facts.empty:
         keys = [c for c in facts.columns if c in table.columns and c not in ("steps", "precision")]
         facts = facts.groupby(keys, dropna=False)[missing].agg(lambda v: "/".join(sorted(set(map(str, v))))).reset_index()
         table = table.merge(facts, on=keys, how="left")

@@ -7,7 +7,9 @@ merged tree is validated, once, so every error names the file and the key.
 
 from __future__ import annotations
 
+import difflib
 import math
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,6 +106,16 @@ class ModelsConfig:
 
     teacher: str
     student: str
+
+    def __post_init__(self) -> None:  # an unknown student must not wait until the teacher has trained to be found
+        from .models import MODELS
+
+        for role in ("teacher", "student"):
+            name = getattr(self, role)
+            if name not in MODELS:
+                close = difflib.get_close_matches(name, list(MODELS), n=1, cutoff=0.75)
+                hint = f"; did you mean {close[0]!r}?" if close else " (osslbench list models)"
+                raise ValueError(f"{role} = {name!r} is not a known model{hint}")
 
 
 @dataclass
@@ -216,6 +228,15 @@ class Protocol:
         with ``train.epochs=3`` is not a full-scale result). Sweep points are named, not custom."""
         return f"{self.scale}+custom" if self.overrides else self.scale
 
+    def __post_init__(self) -> None:
+        bad = [s for s in self.seeds if not 0 <= s < SEED_LIMIT]
+        if bad:
+            raise ValueError(f"seeds: {bad[0]} is outside [0, 2**32)")
+        if not self.seeds:
+            raise ValueError("seeds: no seed given")
+        self.seeds = list(dict.fromkeys(self.seeds))  # a repeated seed is one run, not two at once
+        self.methods = list(dict.fromkeys(self.methods))
+
     @property
     def variant(self) -> str:
         """The sweep point as a folder name, ``"mismatch=0.5"`` (empty outside a sweep)."""
@@ -233,6 +254,9 @@ class Protocol:
             raise ConfigError(f"{self.source_file}: method.{name} must be a table")
         return tree
 
+
+#: Seeds are numpy / torch generator seeds: non-negative and below 2**32 (numpy's legacy seeding limit).
+SEED_LIMIT = 2**32
 
 _TOP_KEYS = {"description", "paper", "default_scale", "scales", "data", "split", "models", "train", "optim",
              "methods", "seeds", "method", "extends"}
@@ -267,17 +291,27 @@ def find_protocol(name: str) -> Path:
 def read_tree(path: Path) -> dict[str, Any]:
     """The raw TOML tree of a protocol file."""
     try:
-        with path.open("rb") as fh:
-            return tomllib.load(fh)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: malformed TOML: {exc}") from None
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
+                          "TOML files must be saved as UTF-8") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: malformed TOML: {' '.join(str(exc).split())}") from None
+
+
+def _where(path: Path) -> str:
+    """How errors name a protocol file: ``protocols/<file>`` for a built-in, else the path as given."""
+    return f"protocols/{path.name}" if path.resolve() == protocol_files().get(path.stem, Path()).resolve() else str(path)
 
 
 def _resolved_tree(path: Path, where: str, chain: list[Path]) -> dict[str, Any]:
-    """The file's tree merged over the protocol it ``extends`` (a built-in name), recursively: a family of
-    protocols (CIFAR-100 seen 50 / 55 / 80 / 20) is one file plus one small file per member."""
+    """The file's tree merged over the protocol it ``extends``, recursively: a family of protocols (CIFAR-100
+    seen 50 / 55 / 80 / 20) is one file plus one small file per member. ``extends`` is a built-in protocol's
+    name or a ``.toml`` path, relative to the folder of the file that extends it."""
     tree = read_tree(path)
     unknown = sorted(set(tree) - _TOP_KEYS)
     if unknown:
@@ -285,12 +319,20 @@ def _resolved_tree(path: Path, where: str, chain: list[Path]) -> dict[str, Any]:
     parent = tree.pop("extends", None)
     if parent is None:
         return tree
-    if not isinstance(parent, str):
-        raise ConfigError(f"{where}: extends must be the name of a built-in protocol")
-    base = find_protocol(parent)
+    if not isinstance(parent, str) or not parent:
+        raise ConfigError(f"{where}: extends must be the name of a built-in protocol or a .toml path")
+    if parent.endswith(".toml"):
+        base = path.parent / parent
+        if not base.is_file():
+            raise ConfigError(f"{where}: extends {parent!r}: no such file {base}")
+    else:
+        try:
+            base = find_protocol(parent)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: extends: {exc}") from None
     if base.resolve() in chain or base.resolve() == path.resolve():
         raise ConfigError(f"{where}: extends {parent!r} forms a cycle")
-    return deep_merge(_resolved_tree(base, f"protocols/{base.name}", [*chain, path.resolve()]), tree)
+    return deep_merge(_resolved_tree(base, _where(base), [*chain, path.resolve()]), tree)
 
 
 def load_protocol(name: str, scale: str | None = None, overrides: dict[str, Any] | None = None) -> Protocol:
@@ -301,7 +343,13 @@ def load_protocol(name: str, scale: str | None = None, overrides: dict[str, Any]
     :param overrides: a tree from ``--set`` (:func:`osslbench.config.parse_overrides`), applied last.
     """
     path = find_protocol(name)
-    where = str(path) if name.endswith(".toml") else f"protocols/{path.name}"
+    where = _where(path)
+    builtin = protocol_files().get(path.stem)
+    if builtin is not None and builtin.resolve() != path.resolve():
+        raise ConfigError(f"{path}: named like the built-in protocol {path.stem!r}, whose results live in "
+                          f"<out>/{path.stem}/; rename the file (a protocol's file name names its results folder)")
+    if not _NAME.fullmatch(path.stem):
+        raise ConfigError(f"{path}: a protocol file name must be letters, digits, '-', '_' or '.' (it names a folder)")
     tree = _resolved_tree(path, where, [])
     scales = tree.pop("scales", {})
     if not isinstance(scales, dict) or any(not isinstance(v, dict) for v in scales.values()):
@@ -317,8 +365,27 @@ def load_protocol(name: str, scale: str | None = None, overrides: dict[str, Any]
         bad = sorted((set(layer) - _TOP_KEYS) | ({"scales", "default_scale"} & set(layer)))
         if bad:
             raise ConfigError(f"{layer_where}: unknown key {bad[0]!r}")
-    tree = deep_merge(deep_merge(tree, scales.get(scale, {})), overrides or {})
     tree.setdefault("description", "")
     tree.setdefault("paper", "")
-    tree.update(name=path.stem, scale=scale, source_file=where, scales=names, overrides=overrides or {})
-    return build(Protocol, tree, where)
+    tree.update(name=path.stem, source_file=where, scales=names, overrides=overrides or {})
+    # every scale is validated whole (with the same --set), so a typo in [scales.smoke] is found while running mini
+    chosen = None
+    for other in [scale, *[n for n in names if n != scale]]:
+        at = where if other == scale else f"{where} [scales.{other}]"
+        merged = deep_merge(deep_merge(tree, scales.get(other, {})), overrides or {})
+        protocol = build(Protocol, {**merged, "scale": other}, at)
+        _check_methods(protocol, at)
+        chosen = chosen or protocol
+    assert chosen is not None
+    return chosen
+
+
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
+
+
+def _check_methods(protocol: Protocol, where: str) -> None:
+    """Every method the protocol names (its ``methods`` list, its ``[method.<name>]`` tables, ``--set
+    method.<name>.*``) is a known method whose table has only its keys, even when this command does not run it."""
+    from .registry import check_protocol_methods  # the registry imports this module
+
+    check_protocol_methods(protocol, where)

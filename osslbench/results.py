@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .errors import CheckpointError
+from .fsio import RunLock, atomic_write_text
 from .protocol import Protocol
 
 RESULT = "result.json"
@@ -50,15 +52,25 @@ def versions() -> dict[str, str]:
 
 
 def read_result(path: Path) -> dict | None:
-    """A finished run's result, or None when absent."""
-    return json.loads(path.read_text()) if path.exists() else None
+    """A finished run's result, or None when absent; a damaged file is a :class:`CheckpointError` naming it."""
+    if not path.exists():
+        return None
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc.strerror}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path} is damaged ({type(exc).__name__} at position {getattr(exc, 'pos', '?')}); "
+                              "delete it to run that run again") from None
+    if not isinstance(result, dict) or not {"config_hash", "metrics"} <= set(result):
+        raise CheckpointError(f"{path} is not an osslbench result (no config_hash / metrics); delete it to run that "
+                              "run again")
+    return result
 
 
 def write_result(path: Path, result: dict) -> None:
     """Atomically write a run's ``result.json``."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(result, indent=2, sort_keys=True) + "\n")
 
 
 def _precision(result: dict) -> str:
@@ -75,8 +87,8 @@ def collect(out: Path, protocol: str | None = None) -> pd.DataFrame:
     rows = []
     for folder in sorted(out.glob(protocol or "*")):
         for path in sorted(folder.rglob(f"seed*/{RESULT}")):
-            r = json.loads(path.read_text())
-            if r.get("role") != "student":
+            r = read_result(path)
+            if r is None or r.get("role") != "student":
                 continue
             sizes = r.get("split", {})
             pool = sizes.get("unlabelled_seen", 0) + sizes.get("unlabelled_unseen", 0)
@@ -126,9 +138,9 @@ def markdown(table: pd.DataFrame) -> str:
 
 def write_leaderboard(out: Path, protocol: str) -> pd.DataFrame:
     """Write ``<out>/<protocol>/leaderboard.csv`` and ``.md`` from the runs' ``result.json`` files."""
-    table = leaderboard(collect(out, protocol))
     folder = out / protocol
-    folder.mkdir(parents=True, exist_ok=True)
-    table.to_csv(folder / "leaderboard.csv", index=False)
-    (folder / "leaderboard.md").write_text(markdown(table))
+    with RunLock(folder, own_temporaries=False):  # collected and written as one step: a concurrent run's result is never dropped
+        table = leaderboard(collect(out, protocol))
+        atomic_write_text(folder / "leaderboard.csv", table.to_csv(index=False))
+        atomic_write_text(folder / "leaderboard.md", markdown(table))
     return table

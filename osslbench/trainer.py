@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,10 +24,12 @@ from tqdm.auto import tqdm
 from .data.dataset import RunData
 from .data.pipeline import BatchPipeline
 from .ema import EMA
-from .errors import CheckpointError
+from .errors import CheckpointError, TrainingDiverged
 from .evaluate import evaluate
+from .fsio import atomic_write, atomic_write_text
 from .hardware import describe, use_bf16
 from .method import Method, PoolAccess
+from .models.checkpoint import safe_load
 from .protocol import OptimConfig, TrainConfig
 
 CHECKPOINT = "checkpoint.pt"
@@ -45,13 +46,6 @@ def seeded_init(seed: int) -> Iterator[None]:
     with _INIT_LOCK, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
-
-
-def atomic_write_bytes(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file and rename, so a crash never leaves a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -129,22 +123,31 @@ class Trainer:
 
     # --- checkpoints --------------------------------------------------------------------------
     def save(self, epoch: int) -> None:
+        """The checkpoint (which holds the history), then ``metrics.jsonl``, each written atomically: a crash
+        between the two is repaired by :meth:`resume`, which rewrites the metrics from the checkpoint."""
         state = {"epoch": epoch, "config_hash": self.config_hash, "method": self.method.state_dict(),
                  "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "ema": self.ema.state_dict() if self.ema else None, "history": self.history}
-        atomic_write_bytes(self.run_dir / CHECKPOINT, lambda p: torch.save(state, p))
-        lines = "".join(json.dumps(row) + "\n" for row in self.history)
-        atomic_write_bytes(self.run_dir / METRICS, lambda p: p.write_text(lines))
+        atomic_write(self.run_dir / CHECKPOINT, lambda p: torch.save(state, p))
+        self.write_metrics()
+
+    def write_metrics(self) -> None:
+        """``metrics.jsonl``: one line per epoch of the history (rewritten whole, atomically)."""
+        atomic_write_text(self.run_dir / METRICS, "".join(json.dumps(row) + "\n" for row in self.history))
 
     def resume(self) -> int:
-        """Load the run's checkpoint if there is one; the number of epochs already done."""
+        """Load the run's checkpoint if there is one; the number of epochs already done. ``metrics.jsonl`` is
+        rebuilt from the checkpoint's history, so the two never disagree (whatever a crash left)."""
         path = self.run_dir / CHECKPOINT
         if not path.exists():
+            (self.run_dir / METRICS).unlink(missing_ok=True)  # rows of a run whose checkpoint never landed
             return 0
-        try:
-            state = torch.load(path, map_location=self.device, weights_only=False)
-        except Exception as exc:  # a damaged file is reported, never silently overwritten
-            raise CheckpointError(f"{path}: cannot read checkpoint ({type(exc).__name__}); delete it to restart") from None
+        try:  # weights only: a checkpoint is data, never code (a damaged or poisoned file is refused, not overwritten)
+            state = safe_load(path, map_location=self.device)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{exc}; delete it to restart the run") from None
+        if not isinstance(state, dict) or "epoch" not in state:
+            raise CheckpointError(f"{path} is not an osslbench checkpoint; delete it to restart the run")
         if state.get("config_hash") != self.config_hash:
             raise CheckpointError(f"{path} was written by another config (hash {state.get('config_hash')} != "
                                   f"{self.config_hash}); use another --out or --overwrite")
@@ -154,6 +157,7 @@ class Trainer:
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
         self.history = state["history"]
+        self.write_metrics()
         return int(state["epoch"])
 
     def run_facts(self) -> dict:
@@ -161,6 +165,15 @@ class Trainer:
         return {"steps": self.s.epochs * self.iters, "precision": self.precision,
                 "memory_format": "channels_last" if self.memory_format == torch.channels_last else "contiguous",
                 "device": str(self.device), "threads": torch.get_num_threads(), "hardware": describe(self.device)}
+
+    def diverged(self, terms: dict[str, Tensor], epoch: int, step: int) -> None:
+        """Stop on a non-finite loss with one line naming the epoch, the step and the term; nothing of this
+        epoch is written, so the run resumes from the checkpoint of the last finished epoch."""
+        bad = [f"{k} = {float(v.detach())}" for k, v in terms.items() if not torch.isfinite(v.detach()).all()]
+        done = f"resumes from epoch {epoch}" if epoch else "has no checkpoint yet"
+        raise TrainingDiverged(f"{self.run_dir}: loss {', '.join(bad) or 'sum is not finite'} at epoch {epoch + 1}, "
+                               f"step {step + 1} of {self.iters}; the run {done}; lower optim.lr or check the "
+                               f"method's settings (method.{self.method.name}.*)")
 
     # --- the loop -----------------------------------------------------------------------------
     def evaluate(self, bar: bool) -> dict[str, float]:
@@ -194,7 +207,7 @@ class Trainer:
                     terms = self.method.losses(batch)
                 loss = sum(terms.values())
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"{self.desc}: loss is {loss.item()} at epoch {epoch + 1}, step {i}")
+                    self.diverged(terms, epoch, i)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizer.step()

@@ -27,6 +27,11 @@ class KDConfig(MethodConfig):
     alpha: float = 0.9
     temperature: float = 4.0
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.temperature <= 0:  # the KL divides the logits by T
+            raise ValueError(f"temperature = {self.temperature} must be > 0")
+
 
 class KD(Method):
     name = "kd"

@@ -45,6 +45,11 @@ class SRDConfig(MethodConfig):
     logit_loss: Literal["mse", "kl"] = "mse"
     temperature: float = 4.0
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.temperature <= 0:  # the KL divides the logits by T
+            raise ValueError(f"temperature = {self.temperature} must be > 0")
+
 
 def connector(in_channels: int, out_channels: int) -> nn.Sequential:
     """SRD's ``g``: 1x1 conv (no bias) + BatchNorm + ReLU, He-normal initialised."""

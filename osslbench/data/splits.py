@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError
+from ..fsio import atomic_write
 from ..protocol import Protocol
 
 LabelsFn = Callable[[str], tuple[np.ndarray, tuple[str, ...]]]
@@ -59,9 +60,13 @@ class Splits:
         """Write the index sets (``.npz``) so a run's exact split can be audited and reused."""
         meta = json.dumps({"seen_classes": self.seen_classes, "unseen_classes": self.unseen_classes,
                            "class_names": self.class_names, "sources": self.sources})
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez_compressed(tmp, meta=np.array(meta), **{k: getattr(self, k) for k in self._ARRAYS})
-        tmp.replace(path)
+        arrays = {k: getattr(self, k) for k in self._ARRAYS}
+
+        def write(tmp: Path) -> None:
+            with tmp.open("wb") as fh:
+                np.savez_compressed(fh, meta=np.array(meta), **arrays)
+
+        atomic_write(path, write)
 
     @classmethod
     def load(cls, path: Path) -> Splits:
