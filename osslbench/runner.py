@@ -91,7 +91,8 @@ def run_one(protocol: Protocol, method: str, seed: int, opts: RunOptions) -> dic
     splits.save(folder / "splits.npz")
     with seeded_init(seed):
         student = build_model(protocol.models.student, data.num_classes, data.in_channels)
-        m = cls(cfg, student, teacher, num_classes=data.num_classes, pool_size=len(data.unlabelled_x))
+        m = cls(cfg, student, teacher, num_classes=data.num_classes, pool_size=len(data.unlabelled_x),
+                labelled_size=len(data.labelled_x))
     schedule = Schedule(epochs=protocol.train.epochs, train=protocol.train, optim=optim, seed=seed)
     trainer = Trainer(m, data, schedule, folder, h, device, desc=f"{method} s{seed}", progress=opts.progress)
     history = trainer.fit(stop_after=opts.stop_after)

@@ -163,7 +163,7 @@ class Trainer:
             x_s = [self.prepare(self.view(k, d.unlabelled_x[idx_s], gen)) for k in m.selected_views] if sel is not None else []
             step = epoch * self.iters + i
             yield Batch(x, d.labelled_y[lab[i]].to(self.device), x_u, idx_u, epoch, step, self.iters, self.s.epochs,
-                        x_s, idx_s, gen)
+                        x_s, idx_s, gen, idx_lb=lab[i])
 
     def pool_map(self, fn: Callable[[Tensor], Tensor]) -> Tensor:
         """``fn`` over the whole unlabelled pool, in eval mode and without gradients (epoch hooks)."""
