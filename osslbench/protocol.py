@@ -72,6 +72,10 @@ class SplitConfig:
     :param mismatch: fraction of the unlabelled pool drawn from unseen classes (exact counts:
         ``round(mismatch * unlabelled)``), or ``"natural"``: the pool is the foreign source when
         there is one (SRD paper), else every labelled-source image not labelled (OpenMatch-style).
+    :param max_test: at most this many test images, and as many outlier-test images (0 = all): a fixed subset
+        chosen by a hash of the image index, the same for every seed and method, so figures stay comparable.
+        For smoke scales (evaluating a ResNet-32x4 teacher on 10,000 + 10,000 images takes minutes on a CPU);
+        a reported figure is always on the whole test set.
     """
 
     seen_classes: list[int | str] | Literal["all"] = "all"
@@ -79,8 +83,11 @@ class SplitConfig:
     labels_per_class: int | Literal["all"] = "all"
     unlabelled: int | Literal["all"] = "all"
     mismatch: float | Literal["natural"] = "natural"
+    max_test: int = field(default=0, metadata=ADDED_LATER)
 
     def __post_init__(self) -> None:
+        if self.max_test < 0:
+            raise ValueError(f"max_test = {self.max_test} must be >= 0 (0 = the whole test set)")
         if self.seen_superclasses < 0:
             raise ValueError(f"seen_superclasses = {self.seen_superclasses} must be >= 0")
         if self.seen_superclasses and self.seen_classes != "all":
@@ -194,6 +201,8 @@ class Protocol:
     source_file: str = ""
     scales: list[str] = field(default_factory=list)
     sweep: dict[str, Any] = field(default_factory=dict)  # the point of a --sweep (osslbench.sweep), e.g. {"mismatch": 0.5}
+    # the student model's rules that hold (``register_model(student_defaults=...)``), after the scale and --set
+    student_rules: dict[str, Any] = field(default_factory=dict)
 
     @property
     def variant(self) -> str:
@@ -272,6 +281,41 @@ def _resolved_tree(path: Path, where: str, chain: list[Path]) -> dict[str, Any]:
     return deep_merge(_resolved_tree(base, f"protocols/{base.name}", [*chain, path.resolve()]), tree)
 
 
+def _without(rules: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """``rules`` less every key path that ``given`` sets (a scale or ``--set`` beats a model's rule)."""
+    out = {}
+    for key, value in rules.items():
+        if key not in given:
+            out[key] = value
+        elif isinstance(value, dict) and isinstance(given[key], dict):
+            rest = _without(value, given[key])
+            if rest:
+                out[key] = rest
+    return out
+
+
+def student_rules(tree: dict[str, Any], later: list[dict[str, Any]], where: str) -> dict[str, Any]:
+    """The student's ``student_defaults`` (:class:`osslbench.models.ModelInfo`) that hold for the merged ``tree``:
+    those not set by a ``later`` layer (the scale, ``--set``). Also checks that both models exist and that the
+    teacher may be one (a binary network is student-only)."""
+    from .models import MODEL_INFO  # the zoo registers itself on import
+
+    models = tree.get("models")
+    if not isinstance(models, dict):
+        return {}
+    for role in ("teacher", "student"):
+        name = models.get(role)
+        if isinstance(name, str) and name not in MODEL_INFO:
+            raise ConfigError(f"{where}: models.{role}: unknown model {name!r} (osslbench list models)")
+    teacher, student = models.get("teacher"), models.get("student")
+    if isinstance(teacher, str) and not MODEL_INFO[teacher].teacher:
+        raise ConfigError(f"{where}: models.teacher: {teacher!r} is a student-only model and cannot be a teacher")
+    rules = MODEL_INFO[student].student_defaults if isinstance(student, str) else {}
+    for layer in later:
+        rules = _without(rules, layer)
+    return rules
+
+
 def load_protocol(name: str, scale: str | None = None, overrides: dict[str, Any] | None = None) -> Protocol:
     """Load, merge and validate a protocol.
 
@@ -297,6 +341,7 @@ def load_protocol(name: str, scale: str | None = None, overrides: dict[str, Any]
         if bad:
             raise ConfigError(f"{layer_where}: unknown key {bad[0]!r}")
     tree = deep_merge(deep_merge(tree, scales.get(scale, {})), overrides or {})
+    tree["student_rules"] = student_rules(tree, [scales.get(scale, {}), overrides or {}], where)
     tree.setdefault("description", "")
     tree.setdefault("paper", "")
     tree.update(name=path.stem, scale=scale, source_file=where, scales=names)
