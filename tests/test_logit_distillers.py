@@ -238,6 +238,8 @@ def test_crd_bank_covers_labelled_and_pool_and_the_loss_is_the_sum_of_both_nce()
         return -(hh[:, 0].log() + (1 - hh[:, 1:]).log().sum(1)).mean()
 
     assert terms["crd"].item() == pytest.approx(0.8 * (nce(p_s) + nce(p_t)).item(), rel=1e-4)
+    sum(terms.values()).backward()  # the in-place bank update must not break the graph
+    assert method.embed_s.linear.weight.grad.abs().sum() > 0 and method.embed_t.linear.weight.grad.abs().sum() > 0
     assert terms["ce"].item() == pytest.approx(ce(logits_of(student, X[:2]), Y).item(), rel=1e-5)
     assert "kd" not in terms  # alpha = 0 (RepDistiller's -a 0)
 
@@ -250,3 +252,16 @@ def test_crd_bank_is_in_the_state_dict():
     fresh, _, _ = make("crd", nce_k=6, feat_dim=4)
     fresh.load_state_dict(state)
     assert torch.equal(fresh.memory.memory_s, method.memory.memory_s) and torch.equal(fresh.memory.z, method.memory.z)
+
+
+def test_crd_scores_by_matrix_product_equal_the_gathered_rows():
+    bank = fixed(40, 8, phase=0.5)
+    e = torch.nn.functional.normalize(fixed(3, 8, phase=1.5), dim=1)
+    small = torch.tensor([[1, 5, 7], [0, 39, 2], [3, 3, 3]])  # 40 rows <= 8 x 3: the matrix-product path
+    wide = torch.arange(3 * 10).view(3, 10) % 40
+    expected = torch.stack([bank[small[i]] @ e[i] for i in range(3)])
+    assert torch.allclose(ContrastMemory.scores(bank, e, small), expected, atol=1e-6)
+    one = small[:, :1]  # 40 rows > 8 x 1: the gather path
+    assert torch.allclose(ContrastMemory.scores(bank, e, one), expected[:, :1], atol=1e-6)
+    assert torch.allclose(ContrastMemory.scores(bank, e, wide),
+                          torch.stack([bank[wide[i]] @ e[i] for i in range(3)]), atol=1e-6)

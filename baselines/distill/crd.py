@@ -107,14 +107,22 @@ class ContrastMemory(nn.Module):
         self.register_buffer("memory_t", torch.rand(n_data, feat_dim) * 2 * stdv - stdv)
         self.register_buffer("z", torch.full((2,), -1.0))  # Z of the student and teacher scores; < 0 = not yet set
 
+    @staticmethod
+    def scores(bank: Tensor, e: Tensor, contrast: Tensor) -> Tensor:
+        """``bank[contrast[i, j]] . e[i]``, B x (1 + K). Gathering B x (1 + K) bank rows (the authors' way) moves
+        B (1 + K) D floats: 1 GB per bank and step at 64 + 64 images and K = 16,384, memory-bound on a CPU. When the
+        bank is not much larger than that, scoring every bank row with one matrix product and picking the columns
+        is the same number, several times faster."""
+        if bank.shape[0] <= 8 * contrast.shape[1]:
+            return torch.gather(e @ bank.t().clone(), 1, contrast)  # a copy: the bank is updated in place after
+        rows = bank[contrast.flatten()].view(contrast.shape[0], contrast.shape[1], -1)
+        return torch.bmm(rows, e.unsqueeze(2)).squeeze(2)
+
     def forward(self, e_s: Tensor, e_t: Tensor, idx: Tensor, contrast: Tensor) -> tuple[Tensor, Tensor]:
         """Normalised scores (student anchor vs teacher bank, teacher anchor vs student bank), B x (1 + K), for
         anchors at bank positions ``idx`` and ``contrast`` = [idx, negatives]; then the banks are updated."""
-        b = e_s.shape[0]
-        w_t = self.memory_t[contrast.flatten()].view(b, -1, e_s.shape[1])
-        w_s = self.memory_s[contrast.flatten()].view(b, -1, e_s.shape[1])
-        out_s = torch.exp(torch.bmm(w_t, e_s.unsqueeze(2)).squeeze(2) / self.nce_t)
-        out_t = torch.exp(torch.bmm(w_s, e_t.unsqueeze(2)).squeeze(2) / self.nce_t)
+        out_s = torch.exp(self.scores(self.memory_t, e_s, contrast) / self.nce_t)
+        out_t = torch.exp(self.scores(self.memory_s, e_t, contrast) / self.nce_t)
         with torch.no_grad():
             if self.z[0] < 0:  # fixed once, at the first step (the authors' ContrastMemory)
                 self.z[0] = out_s.mean() * self.n_data
