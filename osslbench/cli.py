@@ -44,7 +44,9 @@ def parser() -> argparse.ArgumentParser:
     _data_root(run)
     run.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
                      help="run every value of a protocol key, e.g. mismatch=0,0.25,0.5,0.75,1 (repeat for a grid)")
-    run.add_argument("--methods", default=None, help="comma-separated names or 'all' (default: the protocol's list)")
+    run.add_argument("--methods", default=None,
+                     help="comma-separated names and groups: all, distillers, ssl, openset (each group with supervised, "
+                          "the reference); default: the protocol's list")
     run.add_argument("--seeds", default=None, help="comma-separated seeds (default: the protocol's)")
     run.add_argument("--out", type=Path, default=Path("results"), help="output folder (default: ./results)")
     run.add_argument("--teacher", default=None, help="teacher checkpoint (RepDistiller format); default: train one")

@@ -68,6 +68,8 @@ class Batch:
     :param gen: the CPU generator of this epoch's random draws, seeded from ``(seed, epoch)``. A method
         draws its own random numbers (MixUp's lambda, random classes) from it, never from torch's global
         generator: that keeps runs reproducible, resumable and independent of other runs in the process.
+    :param idx_lb: positions of the labelled images in the labelled set (per-sample state over the whole
+        training set, e.g. CRD's memory bank: labelled position ``i`` and pool position ``labelled_size + j``).
     """
 
     x_lb: Tensor
@@ -82,6 +84,7 @@ class Batch:
     idx_sel: Tensor | None = None
     gen: torch.Generator = field(default_factory=torch.Generator)
     x_lb_extra: list[Tensor] = field(default_factory=list)
+    idx_lb: Tensor | None = None
 
     @property
     def progress(self) -> float:
@@ -153,12 +156,13 @@ class Method(nn.Module):
     family: ClassVar[str] = ""
 
     def __init__(self, cfg: MethodConfig, student: Net, teacher: Net | None = None, num_classes: int = 0,
-                 pool_size: int = 0) -> None:
+                 pool_size: int = 0, labelled_size: int = 0) -> None:
         super().__init__()
         self.cfg = cfg
         self.student = student
         self.num_classes = num_classes or student.classifier.out_features
         self.pool_size = pool_size  # images in the unlabelled pool (for per-sample state buffers)
+        self.labelled_size = labelled_size  # images in the labelled set (state over the whole training set)
         if self.needs_teacher and teacher is None:
             raise ValueError(f"method {self.name} needs a teacher")
         if teacher is not None:

@@ -74,6 +74,10 @@ class SplitConfig:
     :param mismatch: fraction of the unlabelled pool drawn from unseen classes (exact counts:
         ``round(mismatch * unlabelled)``), or ``"natural"``: the pool is the foreign source when
         there is one (SRD paper), else every labelled-source image not labelled (OpenMatch-style).
+    :param max_test: at most this many test images, and as many outlier-test images (0 = all): a fixed subset
+        chosen by a hash of the image index, the same for every seed and method, so figures stay comparable.
+        For smoke scales (evaluating a ResNet-32x4 teacher on 10,000 + 10,000 images takes minutes on a CPU);
+        a reported figure is always on the whole test set.
     """
 
     seen_classes: list[int | str] | Literal["all"] = "all"
@@ -81,8 +85,11 @@ class SplitConfig:
     labels_per_class: int | Literal["all"] = "all"
     unlabelled: int | Literal["all"] = "all"
     mismatch: float | Literal["natural"] = "natural"
+    max_test: int = field(default=0, metadata=ADDED_LATER)
 
     def __post_init__(self) -> None:
+        if self.max_test < 0:
+            raise ValueError(f"max_test = {self.max_test} must be >= 0 (0 = the whole test set)")
         if self.seen_superclasses < 0:
             raise ValueError(f"seen_superclasses = {self.seen_superclasses} must be >= 0")
         if self.seen_superclasses and self.seen_classes != "all":
@@ -116,6 +123,10 @@ class ModelsConfig:
                 close = difflib.get_close_matches(name, list(MODELS), n=1, cutoff=0.75)
                 hint = f"; did you mean {close[0]!r}?" if close else " (osslbench list models)"
                 raise ValueError(f"{role} = {name!r} is not a known model{hint}")
+        from .models import MODEL_INFO
+
+        if not MODEL_INFO[self.teacher].teacher:
+            raise ValueError(f"teacher = {self.teacher!r} is a student-only model and cannot be a teacher")
 
 
 @dataclass
@@ -236,6 +247,8 @@ class Protocol:
             raise ValueError("seeds: no seed given")
         self.seeds = list(dict.fromkeys(self.seeds))  # a repeated seed is one run, not two at once
         self.methods = list(dict.fromkeys(self.methods))
+    # the student model's rules that hold (``register_model(student_defaults=...)``), after the scale and --set
+    student_rules: dict[str, Any] = field(default_factory=dict)
 
     @property
     def variant(self) -> str:
@@ -335,6 +348,34 @@ def _resolved_tree(path: Path, where: str, chain: list[Path]) -> dict[str, Any]:
     return deep_merge(_resolved_tree(base, _where(base), [*chain, path.resolve()]), tree)
 
 
+def _without(rules: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """``rules`` less every key path that ``given`` sets (a scale or ``--set`` beats a model's rule)."""
+    out = {}
+    for key, value in rules.items():
+        if key not in given:
+            out[key] = value
+        elif isinstance(value, dict) and isinstance(given[key], dict):
+            rest = _without(value, given[key])
+            if rest:
+                out[key] = rest
+    return out
+
+
+def student_rules(tree: dict[str, Any], later: list[dict[str, Any]], where: str) -> dict[str, Any]:
+    """The student's ``student_defaults`` (:class:`osslbench.models.ModelInfo`) that hold for the merged ``tree``:
+    those not set by a ``later`` layer (the scale, ``--set``)."""
+    from .models import MODEL_INFO  # the zoo registers itself on import
+
+    models = tree.get("models")
+    if not isinstance(models, dict):
+        return {}
+    student = models.get("student")  # unknown models and roles are ModelsConfig's errors
+    rules = MODEL_INFO[student].student_defaults if isinstance(student, str) and student in MODEL_INFO else {}
+    for layer in later:
+        rules = _without(rules, layer)
+    return rules
+
+
 def load_protocol(name: str, scale: str | None = None, overrides: dict[str, Any] | None = None) -> Protocol:
     """Load, merge and validate a protocol.
 
@@ -373,6 +414,7 @@ def load_protocol(name: str, scale: str | None = None, overrides: dict[str, Any]
     for other in [scale, *[n for n in names if n != scale]]:
         at = where if other == scale else f"{where} [scales.{other}]"
         merged = deep_merge(deep_merge(tree, scales.get(other, {})), overrides or {})
+        merged["student_rules"] = student_rules(merged, [scales.get(other, {}), overrides or {}], at)
         protocol = build(Protocol, {**merged, "scale": other}, at)
         _check_methods(protocol, at)
         chosen = chosen or protocol

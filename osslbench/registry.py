@@ -120,31 +120,70 @@ def check_protocol_methods(protocol: Protocol, where: str) -> None:
         method_config(cls, protocol, where)
 
 
+#: ``--methods`` groups -> the family they select (see :func:`family`); each group also runs ``supervised``
+GROUPS = {"distillers": "distill", "ssl": "ssl", "openset": "openset"}
+#: the reference every group includes: the student trained on the labelled images alone
+REFERENCE = "supervised"
+
+
+def group(name: str) -> list[str]:
+    """The methods of a ``--methods`` group: ``all``, or ``distillers`` / ``ssl`` / ``openset`` (every method of that
+    family, built-in or plugin, plus ``supervised``: a leaderboard of a family needs the student-alone reference
+    to say whether the family helps at all)."""
+    known = methods()
+    if name == "all":
+        return list(known)
+    fam = GROUPS[name]
+    return [REFERENCE, *(n for n, cls in known.items() if family(cls) == fam and n != REFERENCE)]
+
+
 def resolve_method_names(spec: str | None, protocol: Protocol) -> list[str]:
-    """``--methods a,b`` / ``all`` / ``None`` (the protocol's list), each name checked."""
+    """``--methods a,b`` (names and groups, see :func:`group`, mixed freely) / ``None`` (the protocol's list), each
+    name checked; duplicates kept once, in order."""
     if spec is None:
         names = list(protocol.methods)
-    elif spec == "all":
-        names = list(methods())
     else:
-        names = [n.strip() for n in spec.split(",") if n.strip()]
+        names = []
+        for token in (t.strip() for t in spec.split(",")):
+            if token in GROUPS or token == "all":
+                names += group(token)
+            elif token:
+                names.append(token)
     if not names:
         raise ConfigError("--methods: no method given")
     for n in names:
-        get_method(n)
+        if n not in methods():
+            raise ConfigError(f"--methods: unknown method {n!r}; known: {', '.join(methods())} "
+                              f"or a group: all, {', '.join(GROUPS)}")
     return list(dict.fromkeys(names))  # a repeated method is one run, not two at once
 
 
-def method_config(cls: type[Method], protocol: Protocol, where: str = "") -> tuple[MethodConfig, OptimConfig]:
-    """A method's validated config (paper defaults < protocol ``[method.<name>]`` < ``--set``) and optimiser.
+def student_rules_of(cls: type[Method], protocol: Protocol) -> dict[str, Any]:
+    """The student model's rules that apply to this method's run (its optimiser, its own method table)."""
+    rules = protocol.student_rules
+    out: dict[str, Any] = {}
+    if rules.get("optim"):
+        out["optim"] = rules["optim"]
+    mine = rules.get("method", {}).get(cls.name)
+    if mine:
+        out["method"] = {cls.name: mine}
+    return out
 
-    The optimiser is the protocol's ``[optim]``, then the method's ``optim_defaults``, then the
-    ``optim`` table of its config: a method's own settings beat the protocol's generic ones.
+
+def method_config(cls: type[Method], protocol: Protocol, where: str = "") -> tuple[MethodConfig, OptimConfig]:
+    """A method's validated config (paper defaults < protocol ``[method.<name>]`` < the student model's rules <
+    the scale and ``--set``) and optimiser.
+
+    The optimiser is the protocol's ``[optim]``, then the student model's rules (``student_defaults`` of its
+    ``register_model``: RepDistiller's lr 0.01 for ShuffleNet / MobileNet students), then the method's
+    ``optim_defaults``, then the ``optim`` table of its config: a method's own settings beat the generic ones.
     """
     where = f"{where or protocol.source_file}: method.{cls.name}"
-    cfg = build(cls.Config, protocol.method_tree(cls.name), where)
+    rules = student_rules_of(cls, protocol)
+    cfg = build(cls.Config, deep_merge(protocol.method_tree(cls.name), rules.get("method", {}).get(cls.name, {})), where)
     if cls.needs_unlabelled and cfg.mu <= 0:
         raise ConfigError(f"{where}: {cls.name} needs unlabelled data: mu must be > 0")
-    optim_tree: dict[str, Any] = deep_merge(deep_merge(as_tree(protocol.optim), cls.optim_defaults), cfg.optim)
+    optim_tree: dict[str, Any] = deep_merge(as_tree(protocol.optim), rules.get("optim", {}))
+    optim_tree = deep_merge(deep_merge(optim_tree, cls.optim_defaults), cfg.optim)
     return cfg, build(OptimConfig, optim_tree, f"{where}.optim")
 

@@ -21,13 +21,14 @@ from .fsio import RunLock, check_out_folder, clear_folder
 from .models import build_model
 from .models.checkpoint import load_state
 from .protocol import Protocol
-from .registry import get_method, method_config
+from .registry import get_method, method_config, student_rules_of
 from .results import RESULT, read_result, run_dir, summarize, versions, write_result
 from .teacher import get_teacher, teacher_config
 from .trainer import CHECKPOINT, METRICS, Schedule, Trainer, pick_device, seeded_init
 
 # Protocol keys that do not change a run's outcome, left out of its config hash.
-_NOT_HASHED = {"description", "paper", "methods", "seeds", "scales", "source_file", "method", "sweep", "overrides"}
+_NOT_HASHED = {"description", "paper", "methods", "seeds", "scales", "source_file", "method", "sweep", "overrides",
+               "student_rules"}
 
 
 @dataclass
@@ -53,6 +54,9 @@ def run_config(protocol: Protocol, method: str, seed: int, teacher: str | None) 
     cfg, optim = method_config(cls, protocol)
     proto = {k: v for k, v in as_tree(protocol).items() if k not in _NOT_HASHED}
     tree = {"protocol": proto, "method": {"name": method, **as_tree(cfg)}, "optim": as_tree(optim), "seed": seed}
+    rules = student_rules_of(cls, protocol)
+    if rules:  # which of the student model's rules shaped this run (lr 0.01 for a ShuffleNet student, ...)
+        tree["student_rules"] = {"model": protocol.models.student, **rules}
     if cls.needs_teacher:
         tree["teacher"] = {"path": teacher} if teacher else {"trained": config_hash(teacher_config(protocol, seed))}
     return tree
@@ -102,7 +106,8 @@ def _run_owned(protocol: Protocol, method: str, seed: int, opts: RunOptions, fol
         splits.save(folder / "splits.npz")
         with seeded_init(seed):
             student = build_model(protocol.models.student, data.num_classes, data.in_channels)
-            m = cls(cfg, student, teacher, num_classes=data.num_classes, pool_size=len(data.unlabelled_x))
+            m = cls(cfg, student, teacher, num_classes=data.num_classes, pool_size=len(data.unlabelled_x),
+                    labelled_size=len(data.labelled_x))
         schedule = Schedule(epochs=protocol.train.epochs, train=protocol.train, optim=optim, seed=seed)
         trainer = Trainer(m, data, schedule, folder, h, device, desc=f"{method} s{seed}", progress=opts.progress)
         history = trainer.fit(stop_after=opts.stop_after)

@@ -134,7 +134,7 @@ class BatchPipeline:
             idx_s = sel[i] if sel is not None else None
             x_s = self._views(d.unlabelled_x[idx_s], method.selected_views, gen, mode) if sel is not None else []
             yield Batch(x, d.labelled_y[lab[i]].to(self.device), x_u, idx_u, epoch, epoch * steps + i, steps,
-                        self.epochs, x_s, idx_s, gen, x_extra)
+                        self.epochs, x_s, idx_s, gen, x_extra, idx_lb=lab[i])
 
     def pool_map(self, model: torch.nn.Module, fn: Callable[[Tensor], Tensor], batch_size: int,
                  autocast: Callable[[], object]) -> Tensor:

@@ -116,6 +116,15 @@ def _superclass_members(k: int, spec: str, superclasses_of: SuperclassesFn | Non
     return [c for c in range(n_classes) if mapping[c] < k]
 
 
+def hashed_subset(idx: np.ndarray, n: int) -> np.ndarray:
+    """At most ``n`` of ``idx`` (0 = all), chosen by a fixed hash of each index (Knuth's multiplicative hash), sorted:
+    the same images for every seed, and a subset of a larger cap's subset."""
+    if n <= 0 or n >= len(idx):
+        return idx
+    h = (idx.astype(np.uint64) * np.uint64(2654435761)) % np.uint64(2**32)
+    return np.sort(idx[np.argsort(h, kind="stable")[:n]])
+
+
 def build_splits(protocol: Protocol, seed: int, labels_of: LabelsFn,
                  superclasses_of: SuperclassesFn | None = None) -> Splits:
     """Draw the index sets of ``protocol`` for ``seed`` (same seed, same indices).
@@ -183,7 +192,7 @@ def build_splits(protocol: Protocol, seed: int, labels_of: LabelsFn,
     return Splits(
         seen_classes=seen, unseen_classes=unseen, class_names=list(names),
         labelled=labelled_idx, unlabelled_seen=np.sort(u_seen), unlabelled_unseen=np.sort(u_unseen),
-        test=test_idx, outlier_test=outlier_idx,
+        test=hashed_subset(test_idx, split.max_test), outlier_test=hashed_subset(outlier_idx, split.max_test),
         sources={"labelled": data.labelled, "unlabelled_seen": data.labelled, "unlabelled_unseen": unseen_source,
                  "test": data.test, "outlier_test": outlier_source},
     )

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["MODELS", "DESCRIPTIONS", "Net", "register_model"]
+__all__ = ["MODELS", "DESCRIPTIONS", "MODEL_INFO", "ModelInfo", "Net", "register_model"]
 
 
 class Net(nn.Module):
@@ -69,17 +70,46 @@ MODELS: dict[str, Callable[..., Net]] = {}
 #: name -> one-line description
 DESCRIPTIONS: dict[str, str] = {}
 
+#: protocol sections a model's ``student_defaults`` may set (the student's optimiser and method tables)
+STUDENT_DEFAULT_KEYS = ("optim", "method")
 
-def register_model(name: str, description: str) -> Callable[[Callable[..., Net]], Callable[..., Net]]:
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the harness knows about a registered model besides its constructor.
+
+    :param description: one line for ``osslbench list models``.
+    :param student_defaults: protocol keys (a tree under ``optim`` / ``method``) that hold whenever this model is
+        the *student*: the authors' per-student rules (RepDistiller's lr 0.01 for ShuffleNet / MobileNet students,
+        SRD's feature term x10 for a ShuffleV1 student). They beat the protocol file and lose to its scales and
+        ``--set``; the teacher's optimiser never sees them. Each result records the rules that applied.
+    :param teacher: whether the model may be a teacher (False for a binary network: a student-only model).
+    """
+
+    description: str
+    student_defaults: dict[str, Any] = field(default_factory=dict)
+    teacher: bool = True
+
+
+#: name -> :class:`ModelInfo`
+MODEL_INFO: dict[str, ModelInfo] = {}
+
+
+def register_model(name: str, description: str, student_defaults: dict[str, Any] | None = None,
+                   teacher: bool = True) -> Callable[[Callable[..., Net]], Callable[..., Net]]:
     """Decorator registering a constructor ``fn(num_classes, in_channels=3) -> Net`` under ``name``.
 
     The returned constructor sets ``model.arch = name`` on what it builds. Decorators may be stacked to
-    register aliases (the outermost name wins for ``arch``).
+    register aliases (the outermost name wins for ``arch``). ``student_defaults`` and ``teacher``: see
+    :class:`ModelInfo`.
     """
     if not name or any(c.isspace() for c in name):
         raise ValueError(f"invalid model name {name!r}")
     if "\n" in description:
         raise ValueError(f"description of model {name!r} must be one line")
+    bad = sorted(set(student_defaults or {}) - set(STUDENT_DEFAULT_KEYS))
+    if bad:
+        raise ValueError(f"student_defaults of model {name!r}: {bad[0]!r} is not one of {', '.join(STUDENT_DEFAULT_KEYS)}")
 
     def decorate(fn: Callable[..., Net]) -> Callable[..., Net]:
         if name in MODELS:
@@ -93,6 +123,7 @@ def register_model(name: str, description: str) -> Callable[[Callable[..., Net]]
 
         MODELS[name] = build
         DESCRIPTIONS[name] = description
+        MODEL_INFO[name] = ModelInfo(description, dict(student_defaults or {}), teacher)
         return build
 
     return decorate

@@ -103,7 +103,8 @@ class MobileNetV2(Net):
         return feats
 
 
-@register_model("MobileNetV2", "MobileNetV2 (Sandler et al. 2018), RepDistiller's CIFAR mobile_half (x0.5), 0.81M params")
+@register_model("MobileNetV2", "MobileNetV2 (Sandler et al. 2018), RepDistiller's CIFAR mobile_half (x0.5), 0.81M params",
+                student_defaults={"optim": {"lr": 0.01}})  # RepDistiller train_student.py: lr 0.01 for MobileNetV2
 def mobilenetv2(num_classes: int, in_channels: int = 3) -> MobileNetV2:
     """RepDistiller's ``mobile_half``: expansion 6, width multiplier 0.5."""
     return MobileNetV2(num_classes, in_channels, expansion=6, width_mult=0.5)

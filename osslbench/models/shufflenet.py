@@ -111,7 +111,10 @@ class ShuffleNetV1(Net):
         return [f0, f1, f2, f3]
 
 
-@register_model("ShuffleV1", "ShuffleNetV1 (Zhang et al. 2018), RepDistiller's CIFAR variant, g=3, 0.95M params")
+# RepDistiller train_student.py: `if opt.model_s in ['MobileNetV2', 'ShuffleV1', 'ShuffleV2']: learning_rate = 0.01`;
+# SRD authors' helper/loops.py (train_ssldistill): `if opt.model_s == 'ShuffleV1': loss_kd = feat * 10 + logit`.
+@register_model("ShuffleV1", "ShuffleNetV1 (Zhang et al. 2018), RepDistiller's CIFAR variant, g=3, 0.95M params",
+                student_defaults={"optim": {"lr": 0.01}, "method": {"srd": {"w_feat": 10.0}}})
 def shufflev1(num_classes: int, in_channels: int = 3) -> ShuffleNetV1:
     """RepDistiller's ``ShuffleV1``: widths 240, 480, 960, units 4, 8, 4, 3 groups."""
     return ShuffleNetV1([240, 480, 960], [4, 8, 4], 3, num_classes, in_channels)
@@ -218,7 +221,8 @@ class ShuffleNetV2(Net):
         return [f0, f1, f2, f3, f4]
 
 
-@register_model("ShuffleV2", "ShuffleNetV2 1x (Ma et al. 2018), RepDistiller's CIFAR variant, 1.36M params")
+@register_model("ShuffleV2", "ShuffleNetV2 1x (Ma et al. 2018), RepDistiller's CIFAR variant, 1.36M params",
+                student_defaults={"optim": {"lr": 0.01}})  # RepDistiller train_student.py (SRD's x10 is ShuffleV1 only)
 def shufflev2(num_classes: int, in_channels: int = 3) -> ShuffleNetV2:
     """RepDistiller's ``ShuffleV2`` (net size 1): widths 116, 232, 464, head 1024, units 3, 7, 3."""
     return ShuffleNetV2([116, 232, 464, 1024], [3, 7, 3], num_classes, in_channels)
