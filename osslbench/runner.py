@@ -17,7 +17,8 @@ from tqdm.auto import tqdm
 
 from .config import as_tree, config_hash
 from .data.dataset import load_run_data, make_splits
-from .errors import CheckpointError, OsslbenchError
+from .errors import CheckpointError, ConfigError, OsslbenchError
+from .method import Method, MethodConfig
 from .models import build_model
 from .models.checkpoint import load_state
 from .protocol import Protocol
@@ -91,11 +92,12 @@ def run_one(protocol: Protocol, method: str, seed: int, opts: RunOptions) -> dic
     splits.save(folder / "splits.npz")
     with seeded_init(seed):
         student = build_model(protocol.models.student, data.num_classes, data.in_channels)
-        m = cls(cfg, student, teacher, num_classes=data.num_classes, pool_size=len(data.unlabelled_x))
+        m = cls(cfg, student, teacher, num_classes=data.num_classes, pool_size=len(data.unlabelled_x),
+                image_size=protocol.data.image_size)
     schedule = Schedule(epochs=protocol.train.epochs, train=protocol.train, optim=optim, seed=seed)
     trainer = Trainer(m, data, schedule, folder, h, device, desc=f"{method} s{seed}", progress=opts.progress)
     history = trainer.fit(stop_after=opts.stop_after)
-    if len(history) < protocol.train.epochs:
+    if len(history) < trainer.epochs:  # the protocol's epochs plus the method's init stage
         return {"incomplete": True, "epochs_done": len(history)}
     result = {
         "role": "student", "protocol": protocol.name, "scale": protocol.scale, "sweep": protocol.sweep,
@@ -153,11 +155,27 @@ def _execute(calls: Iterable[tuple], opts: RunOptions, what: str) -> list:
     return list(tqdm(parallel(jobs), total=len(jobs), desc=what, disable=not opts.progress))
 
 
+def check_architectures(protocol: Protocol, cls: type[Method], cfg: MethodConfig) -> None:
+    """``cls.check`` on freshly built student and teacher of the protocol (a layer choice that does not fit the
+    architectures is refused before anything is trained); the error is prefixed with the protocol file."""
+    in_channels = len(protocol.data.mean)  # one normalisation value per channel
+    classes = 2  # the layer shapes do not depend on the number of classes
+    with seeded_init(0):  # never touch torch's global generator
+        student = build_model(protocol.models.student, classes, in_channels)
+        teacher = build_model(protocol.models.teacher, classes, in_channels) if cls.needs_teacher else None
+    try:
+        cls.check(cfg, student, teacher, protocol.data.image_size)
+    except ConfigError as exc:
+        raise ConfigError(f"{protocol.source_file}: {exc}") from None
+
+
 def preflight(protocol: Protocol, methods: list[str], seeds: list[int], opts: RunOptions) -> None:
     """Fail before anything is written or trained: every method's config, the data and the split of
     every seed, and a ``--teacher`` checkpoint that must fit the protocol's teacher architecture."""
     for m in methods:
-        method_config(get_method(m), protocol)
+        cls = get_method(m)
+        cfg, _ = method_config(cls, protocol)
+        check_architectures(protocol, cls, cfg)
     for seed in seeds:
         splits = make_splits(protocol, seed, opts.data_root, opts.download)
     if opts.teacher and any(get_method(m).needs_teacher for m in methods):

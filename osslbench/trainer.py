@@ -113,6 +113,9 @@ class Trainer:
         self.n_ulb = round(method.cfg.mu * tc.batch_size) if method.uses_unlabelled and len(data.unlabelled_x) else 0
         self.optimizer = make_optimizer([(n, p) for n, p in method.named_parameters() if p.requires_grad],
                                         schedule.optim)
+        # a method's init stage (AB / FT / FSP) runs before the protocol's epochs
+        self.init_epochs = method.init_epochs(schedule.epochs)
+        self.epochs = self.init_epochs + schedule.epochs
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, method.lr_schedule(schedule.optim, schedule.epochs, self.iters))
         decay = method.cfg.ema_decay
@@ -162,8 +165,8 @@ class Trainer:
             idx_s = sel[i] if sel is not None else None
             x_s = [self.prepare(self.view(k, d.unlabelled_x[idx_s], gen)) for k in m.selected_views] if sel is not None else []
             step = epoch * self.iters + i
-            yield Batch(x, d.labelled_y[lab[i]].to(self.device), x_u, idx_u, epoch, step, self.iters, self.s.epochs,
-                        x_s, idx_s, gen)
+            yield Batch(x, d.labelled_y[lab[i]].to(self.device), x_u, idx_u, epoch, step, self.iters, self.epochs,
+                        x_s, idx_s, gen, self.init_epochs)
 
     def pool_map(self, fn: Callable[[Tensor], Tensor]) -> Tensor:
         """``fn`` over the whole unlabelled pool, in eval mode and without gradients (epoch hooks)."""
@@ -218,11 +221,14 @@ class Trainer:
         """Train to the last epoch (or stop after ``stop_after`` epochs, for tests); the epoch history."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         start = self.resume()
-        epochs, tc = self.s.epochs, self.s.train
+        epochs, tc = self.epochs, self.s.train
         self.method.train()
         for epoch in range(start, epochs if stop_after is None else min(epochs, stop_after)):
             t0 = time.perf_counter()
-            pool = PoolAccess(size=len(self.data.unlabelled_x), map=self.pool_map, epoch=epoch, epochs=epochs)
+            if epoch == self.init_epochs > 0:  # the main stage starts with a fresh optimiser state (momentum)
+                self.optimizer.state.clear()
+            pool = PoolAccess(size=len(self.data.unlabelled_x), map=self.pool_map, epoch=epoch, epochs=epochs,
+                              init_epochs=self.init_epochs)
             row: dict = {"epoch": epoch + 1, **{f"hook_{k}": v for k, v in self.method.on_epoch_start(pool).items()}}
             row["hook_s"] = time.perf_counter() - t0  # the cost of re-scoring the pool (selection methods)
             sums: dict[str, float] = {}
