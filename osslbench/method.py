@@ -59,7 +59,7 @@ class Batch:
     :param epoch: current epoch (0-based).
     :param step: global iteration (0-based).
     :param steps_per_epoch: iterations per epoch (ramp-ups defined in epochs use ``step / steps_per_epoch``).
-    :param epochs: total epochs.
+    :param epochs: total epochs of the run (an init stage's included).
     :param x_sel: views of images drawn from the method's selected subset (``Method.selection``), in the
         order of ``Method.selected_views``; empty when the method selects nothing or the subset is empty.
     :param idx_sel: their positions in the pool.
@@ -70,6 +70,7 @@ class Batch:
         generator: that keeps runs reproducible, resumable and independent of other runs in the process.
     :param idx_lb: positions of the labelled images in the labelled set (per-sample state over the whole
         training set, e.g. CRD's memory bank: labelled position ``i`` and pool position ``labelled_size + j``).
+    :param init_epochs: epochs of the method's initialisation stage at the start of the run (``Method.init_epochs``).
     """
 
     x_lb: Tensor
@@ -85,6 +86,12 @@ class Batch:
     gen: torch.Generator = field(default_factory=torch.Generator)
     x_lb_extra: list[Tensor] = field(default_factory=list)
     idx_lb: Tensor | None = None
+    init_epochs: int = 0
+
+    @property
+    def in_init(self) -> bool:
+        """The step belongs to the method's initialisation stage (``Method.init_epochs``)."""
+        return self.epoch < self.init_epochs
 
     @property
     def progress(self) -> float:
@@ -100,13 +107,15 @@ class PoolAccess:
     :param map: ``map(fn)`` applies ``fn(x) -> Tensor`` (x normalised, unaugmented) to the whole
         pool in evaluation batches with the model in eval mode and returns the concatenation.
     :param epoch: the epoch about to start.
-    :param epochs: total epochs.
+    :param epochs: total epochs (an init stage's included).
+    :param init_epochs: epochs of the method's initialisation stage at the start of the run.
     """
 
     size: int
     map: Callable[[Callable[[Tensor], Tensor]], Tensor]
     epoch: int
     epochs: int
+    init_epochs: int = 0
 
 
 class _Frozen:
@@ -156,13 +165,14 @@ class Method(nn.Module):
     family: ClassVar[str] = ""
 
     def __init__(self, cfg: MethodConfig, student: Net, teacher: Net | None = None, num_classes: int = 0,
-                 pool_size: int = 0, labelled_size: int = 0) -> None:
+                 pool_size: int = 0, labelled_size: int = 0, image_size: int = 32) -> None:
         super().__init__()
         self.cfg = cfg
         self.student = student
         self.num_classes = num_classes or student.classifier.out_features
         self.pool_size = pool_size  # images in the unlabelled pool (for per-sample state buffers)
         self.labelled_size = labelled_size  # images in the labelled set (state over the whole training set)
+        self.image_size = image_size  # side of the training images (modules sized from feature-map shapes)
         if self.needs_teacher and teacher is None:
             raise ValueError(f"method {self.name} needs a teacher")
         if teacher is not None:
@@ -187,6 +197,19 @@ class Method(nn.Module):
         return bool(self.unlabelled_views) and self.cfg.mu > 0
 
     # --- what a method defines -------------------------------------------------------------
+    @classmethod
+    def check(cls, cfg: MethodConfig, student: Net, teacher: Net | None, image_size: int = 32) -> None:
+        """Refuse a config that does not fit the architectures on ``image_size`` inputs (a layer choice out of
+        range, too few feature maps) with a ``ConfigError`` naming the key. Runs in the preflight on freshly
+        built models, before anything is trained or written; a method may check again in ``__init__``."""
+
+    def init_epochs(self, epochs: int) -> int:
+        """Epochs of an initialisation stage run BEFORE the protocol's ``epochs`` (RepDistiller's ``init`` of
+        AB, FT and FSP); default 0. The Trainer runs ``init + epochs`` epochs, restarts the optimiser's state
+        (momentum) when the main stage begins, as a paper's separate stage optimiser would, and tells the
+        method the stage through ``Batch.init_epochs`` / ``PoolAccess.init_epochs``."""
+        return 0
+
     def losses(self, batch: Batch) -> dict[str, Tensor]:
         """Named loss terms of one step; the Trainer optimises their sum and logs each."""
         raise NotImplementedError
@@ -219,11 +242,14 @@ class Method(nn.Module):
         return None
 
     def lr_schedule(self, optim: OptimConfig, epochs: int, steps_per_epoch: int) -> Callable[[int], float]:
-        """Learning-rate multiplier of each iteration (default: ``optim.schedule`` over the whole run); a method
-        whose paper runs stages with their own schedules (T2T) overrides it. A function of the step alone, so
-        that resume restores it."""
+        """Learning-rate multiplier of each iteration (step counted from the start of the run): by default the
+        schedule's starting value through an init stage (``init_epochs``; RepDistiller's ``init`` trains at the
+        base lr), then ``optim.schedule`` over the protocol's ``epochs``; a method whose paper runs stages with
+        their own schedules (T2T, FT's init lr) overrides it. A function of the step alone, so that resume
+        restores it."""
         total = epochs * steps_per_epoch
-        return lambda step: lr_factor(optim, step, total, steps_per_epoch)
+        init = self.init_epochs(epochs) * steps_per_epoch
+        return lambda step: lr_factor(optim, max(0, step - init), total, steps_per_epoch)
 
     # --- helpers shared by the baselines -------------------------------------------------------
     def record(self, **values: Tensor | float) -> None:

@@ -18,6 +18,7 @@ from .config import as_tree, config_hash
 from .data.dataset import load_run_data, make_splits
 from .errors import CheckpointError, ConfigError, HostError, OsslbenchError
 from .fsio import RunLock, check_out_folder, clear_folder
+from .method import Method, MethodConfig
 from .models import build_model
 from .models.checkpoint import load_state
 from .protocol import Protocol
@@ -107,7 +108,7 @@ def _run_owned(protocol: Protocol, method: str, seed: int, opts: RunOptions, fol
         with seeded_init(seed):
             student = build_model(protocol.models.student, data.num_classes, data.in_channels)
             m = cls(cfg, student, teacher, num_classes=data.num_classes, pool_size=len(data.unlabelled_x),
-                    labelled_size=len(data.labelled_x))
+                    labelled_size=len(data.labelled_x), image_size=protocol.data.image_size)
         schedule = Schedule(epochs=protocol.train.epochs, train=protocol.train, optim=optim, seed=seed)
         trainer = Trainer(m, data, schedule, folder, h, device, desc=f"{method} s{seed}", progress=opts.progress)
         history = trainer.fit(stop_after=opts.stop_after)
@@ -116,7 +117,7 @@ def _run_owned(protocol: Protocol, method: str, seed: int, opts: RunOptions, fol
             for name in ("splits.npz", METRICS):
                 (folder / name).unlink(missing_ok=True)
         raise
-    if len(history) < protocol.train.epochs:
+    if len(history) < trainer.epochs:  # the protocol's epochs plus the method's init stage
         return {"incomplete": True, "epochs_done": len(history)}
     result = {
         "role": "student", "protocol": protocol.name, "scale": protocol.scale, "sweep": protocol.sweep,
@@ -195,6 +196,20 @@ def check_device(name: str) -> torch.device:
     raise HostError(f"--device {name}: no {device.type} device is available to torch here; use --device cpu or auto")
 
 
+def check_architectures(protocol: Protocol, cls: type[Method], cfg: MethodConfig) -> None:
+    """``cls.check`` on freshly built student and teacher of the protocol (a layer choice that does not fit the
+    architectures is refused before anything is trained); the error is prefixed with the protocol file."""
+    in_channels = len(protocol.data.mean)  # one normalisation value per channel
+    classes = 2  # the layer shapes do not depend on the number of classes
+    with seeded_init(0):  # never touch torch's global generator
+        student = build_model(protocol.models.student, classes, in_channels)
+        teacher = build_model(protocol.models.teacher, classes, in_channels) if cls.needs_teacher else None
+    try:
+        cls.check(cfg, student, teacher, protocol.data.image_size)
+    except ConfigError as exc:
+        raise ConfigError(f"{protocol.source_file}: {exc}") from None
+
+
 def preflight(protocol: Protocol, methods: list[str], seeds: list[int], opts: RunOptions) -> None:
     """Fail before anything is written or trained: the device, every method's config, the data and the split of
     every seed, a ``--teacher`` checkpoint (given, so it must fit the protocol's teacher architecture, whether or
@@ -202,7 +217,9 @@ def preflight(protocol: Protocol, methods: list[str], seeds: list[int], opts: Ru
     run), and an ``--out`` that can be written."""
     check_device(opts.device)
     for m in methods:
-        method_config(get_method(m), protocol)
+        cls = get_method(m)
+        cfg, _ = method_config(cls, protocol)
+        check_architectures(protocol, cls, cfg)
     for seed in seeds:
         splits = make_splits(protocol, seed, opts.data_root, opts.download)
     if opts.teacher:

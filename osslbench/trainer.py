@@ -101,9 +101,12 @@ class Trainer:
         self.precision = "bf16" if use_bf16(device, tc.amp) else "fp32"
         self.autocast = autocast_context(device, tc.amp)
         self.iters = tc.iters_per_epoch or max(1, len(data.labelled_x) // tc.batch_size)
+        # a method's init stage (AB / FT / FSP) runs before the protocol's epochs
+        self.init_epochs = method.init_epochs(schedule.epochs)
+        self.epochs = self.init_epochs + schedule.epochs
         n_ulb = round(method.cfg.mu * tc.batch_size) if method.uses_unlabelled and len(data.unlabelled_x) else 0
-        self.pipeline = BatchPipeline(data, schedule.seed, tc.batch_size, self.iters, schedule.epochs, n_ulb, device,
-                                      self.memory_format)
+        self.pipeline = BatchPipeline(data, schedule.seed, tc.batch_size, self.iters, self.epochs, n_ulb, device,
+                                      self.memory_format, self.init_epochs)
         self.optimizer = make_optimizer([(n, p) for n, p in method.named_parameters() if p.requires_grad],
                                         schedule.optim)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -162,7 +165,7 @@ class Trainer:
 
     def run_facts(self) -> dict:
         """How the run was computed, for its ``result.json``: steps, precision, memory format, threads, hardware."""
-        return {"steps": self.s.epochs * self.iters, "precision": self.precision,
+        return {"steps": self.epochs * self.iters, "precision": self.precision,
                 "memory_format": "channels_last" if self.memory_format == torch.channels_last else "contiguous",
                 "device": str(self.device), "threads": torch.get_num_threads(), "hardware": describe(self.device)}
 
@@ -192,11 +195,14 @@ class Trainer:
         """Train to the last epoch (or stop after ``stop_after`` epochs, for tests); the epoch history."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         start = self.resume()
-        epochs, tc = self.s.epochs, self.s.train
+        epochs, tc = self.epochs, self.s.train
         self.method.train()
         for epoch in range(start, epochs if stop_after is None else min(epochs, stop_after)):
             t0 = time.perf_counter()
-            pool = PoolAccess(size=len(self.data.unlabelled_x), map=self.pool_map, epoch=epoch, epochs=epochs)
+            if epoch == self.init_epochs > 0:  # the main stage starts with a fresh optimiser state (momentum)
+                self.optimizer.state.clear()
+            pool = PoolAccess(size=len(self.data.unlabelled_x), map=self.pool_map, epoch=epoch, epochs=epochs,
+                              init_epochs=self.init_epochs)
             row: dict = {"epoch": epoch + 1, **{f"hook_{k}": v for k, v in self.method.on_epoch_start(pool).items()}}
             row["hook_s"] = time.perf_counter() - t0  # the cost of re-scoring the pool (selection methods)
             sums: dict[str, float] = {}

@@ -99,12 +99,14 @@ class BatchPipeline:
     :param unlabelled: unlabelled images per step (0: none).
     :param device: where the batches go.
     :param memory_format: e.g. ``torch.channels_last``.
+    :param init_epochs: epochs of the method's initialisation stage at the start of ``epochs`` (``Batch.in_init``).
     """
 
     def __init__(self, data: RunData, seed: int, batch_size: int, steps: int, epochs: int, unlabelled: int,
-                 device: torch.device, memory_format: torch.memory_format = torch.contiguous_format) -> None:
+                 device: torch.device, memory_format: torch.memory_format = torch.contiguous_format,
+                 init_epochs: int = 0) -> None:
         self.data, self.seed, self.batch_size, self.steps, self.epochs = data, seed, batch_size, steps, epochs
-        self.unlabelled, self.device, self.memory_format = unlabelled, device, memory_format
+        self.unlabelled, self.device, self.memory_format, self.init_epochs = unlabelled, device, memory_format, init_epochs
 
     def prepare(self, x: Tensor) -> Tensor:
         """uint8 batch -> normalised float on the device in the chosen memory format."""
@@ -134,7 +136,7 @@ class BatchPipeline:
             idx_s = sel[i] if sel is not None else None
             x_s = self._views(d.unlabelled_x[idx_s], method.selected_views, gen, mode) if sel is not None else []
             yield Batch(x, d.labelled_y[lab[i]].to(self.device), x_u, idx_u, epoch, epoch * steps + i, steps,
-                        self.epochs, x_s, idx_s, gen, x_extra, idx_lb=lab[i])
+                        self.epochs, x_s, idx_s, gen, x_extra, idx_lb=lab[i], init_epochs=self.init_epochs)
 
     def pool_map(self, model: torch.nn.Module, fn: Callable[[Tensor], Tensor], batch_size: int,
                  autocast: Callable[[], object]) -> Tensor:

@@ -33,6 +33,9 @@ class Net(nn.Module):
     arch: str = ""
     #: channels of each entry of the feature list, shallow to deep (final map last)
     feature_channels: list[int]
+    #: trailing entries of the feature list computed by a head convolution after the last stage (ShuffleV2,
+    #: MobileNetV2): RepDistiller's ``is_feat`` list leaves them out and gives only their pooled vector
+    head_maps: int = 0
 
     @property
     def classifier(self) -> nn.Linear:
@@ -47,6 +50,14 @@ class Net(nn.Module):
         """Intermediate spatial feature maps, shallow to deep; the last one is the map before global pooling."""
         raise NotImplementedError
 
+    def forward_preact(self, x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """``(feats, preact)``: the maps of :meth:`forward_features` and, entry for entry, their pre-activations
+        (RepDistiller's ``preact=True``, used by AB): each map as it enters the ReLU that ends it (ResNet,
+        ShuffleNet, MobileNetV2's head, the small CNNs) or, in a pre-activation WRN, the next block's BN output
+        that its first ReLU reads (RepDistiller's ``get_bn_before_relu``); a map no ReLU follows is its own
+        pre-activation (WRN's stem, MobileNetV2's linear bottlenecks). Each BatchNorm runs once per forward."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose pre-activation features")
+
     def pool(self, f: Tensor) -> Tensor:
         """Global average pooling and flatten: B x C x H x W -> B x C (any spatial size, any memory format)."""
         return torch.flatten(F.adaptive_avg_pool2d(f, 1), 1)
@@ -55,9 +66,13 @@ class Net(nn.Module):
         """Logits from the final feature map: ``classifier(pool(f))``."""
         return self.classifier(self.pool(f))
 
-    def forward(self, x: Tensor, features: bool = False) -> Tensor | tuple[Tensor, list[Tensor]]:
+    def forward(self, x: Tensor, features: bool = False, preact: bool = False) -> Tensor | tuple[Tensor, list[Tensor]]:
         """Logits; with ``features=True``, ``(logits, feats)`` where ``feats`` are the intermediate spatial
-        feature maps, shallow to deep, and ``feats[-1]`` is the last map before global pooling."""
+        feature maps, shallow to deep, and ``feats[-1]`` is the last map before global pooling; with
+        ``preact=True`` as well, ``feats`` are their pre-activations (:meth:`forward_preact`)."""
+        if features and preact:
+            feats, pre = self.forward_preact(x)
+            return self.head(feats[-1]), pre
         feats = self.forward_features(x)
         logits = self.head(feats[-1])
         if features:
