@@ -13,7 +13,9 @@ from collections.abc import Callable
 
 import torch
 
-from osslbench.data.augment import rand_augment, random_crop_flip, views
+from osslbench.data.augment import random_crop_flip
+from osslbench.data.pipeline import views
+from osslbench.data.randaugment import rand_augment
 
 
 def _images_per_second(fn: Callable[[torch.Tensor, torch.Generator], object], x: torch.Tensor, seconds: float) -> float:

@@ -17,7 +17,6 @@ frozen teacher's forward passes; ``student`` = the student's forward + the whole
 from __future__ import annotations
 
 import os
-import platform
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -30,6 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .data.dataset import load_run_data, make_splits
 from .errors import OsslbenchError
+from .hardware import describe
 from .method import Batch, Method
 from .models import build_model
 from .models.checkpoint import load_state
@@ -57,19 +57,11 @@ class BenchOptions:
 
 
 def device_model(device: torch.device) -> str:
-    """The CPU or GPU model, in words."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-        else:
-            name = platform.processor() or platform.machine()
-    except OSError:
-        name = platform.processor() or platform.machine()
-    return f"{name}, {os.cpu_count()} logical cores, {torch.backends.cpu.get_cpu_capability()}"
+    """The CPU or GPU model, in words (from :func:`osslbench.hardware.describe`)."""
+    info = describe(device)
+    bf16 = "native bf16" if info["native_bf16"] else "no native bf16"
+    cpu = f"{info['cpu']}, {os.cpu_count()} logical cores, {info['cpu_capability']}"
+    return f"{info['gpu']} ({bf16}; host {cpu})" if "gpu" in info else f"{cpu}, {bf16}"
 
 
 class StepClock:
@@ -171,7 +163,8 @@ def _build(protocol: Protocol, method_name: str, data, teacher_path: str | None,
             load_state(teacher, teacher_path)
     with seeded_init(seed):
         student = build_model(protocol.models.student, data.num_classes, data.in_channels)
-        return cls(cfg, student, teacher, num_classes=data.num_classes, pool_size=len(data.unlabelled_x))
+        return cls(cfg, student, teacher, num_classes=data.num_classes, pool_size=len(data.unlabelled_x),
+                   labelled_size=len(data.labelled_x), image_size=protocol.data.image_size)
 
 
 def run_bench(protocol: Protocol, method_name: str, opts: BenchOptions) -> dict:
@@ -198,8 +191,7 @@ def run_bench(protocol: Protocol, method_name: str, opts: BenchOptions) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(method, data, schedule, Path(tmp), "bench", device, progress=False)
         cache = trainer.setup_teacher_cache()
-        probe = trainer.autocast()
-        precision = f"{probe.fast_dtype} autocast".replace("torch.", "") if isinstance(probe, torch.autocast) else "fp32"
+        precision = trainer.precision
         method.train()
         clock = StepClock(method, device)
         batches = trainer.batches(0)
@@ -225,7 +217,7 @@ def run_bench(protocol: Protocol, method_name: str, opts: BenchOptions) -> dict:
         decay = ref_method.cfg.ema_decay
         ema = AveragedModel(ref_method, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True) if decay else None
         rdata = reference_data(protocol, splits, opts.data_root, ref_method)
-        n_ulb = trainer.n_ulb
+        n_ulb = trainer.pipeline.unlabelled
         ref_batches = reference_batches(rdata, protocol.train.batch_size, n_ulb, workers, device, opts.seed)
         step = lambda b: reference_step(ref_method, optimizer, b, ema)  # noqa: E731
         rclock = StepClock(ref_method, device)

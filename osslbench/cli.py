@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 
 from .config import parse_overrides
-from .errors import OsslbenchError
+from .errors import ConfigError, HostError, OsslbenchError
+from .protocol import SEED_LIMIT
 
 DEFAULT_PROTOCOL = "digits-openset"
 
@@ -43,7 +44,9 @@ def parser() -> argparse.ArgumentParser:
     _data_root(run)
     run.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
                      help="run every value of a protocol key, e.g. mismatch=0,0.25,0.5,0.75,1 (repeat for a grid)")
-    run.add_argument("--methods", default=None, help="comma-separated names or 'all' (default: the protocol's list)")
+    run.add_argument("--methods", default=None,
+                     help="comma-separated names and groups: all, distillers, ssl, openset (each group with supervised, "
+                          "the reference); default: the protocol's list")
     run.add_argument("--seeds", default=None, help="comma-separated seeds (default: the protocol's)")
     run.add_argument("--out", type=Path, default=Path("results"), help="output folder (default: ./results)")
     run.add_argument("--teacher", default=None, help="teacher checkpoint (RepDistiller format); default: train one")
@@ -92,13 +95,23 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _seed(value: int, flag: str) -> int:
+    if not 0 <= value < SEED_LIMIT:
+        raise ConfigError(f"{flag}: seed {value} is outside [0, 2**32)")
+    return value
+
+
 def _seeds(text: str | None, default: list[int]) -> list[int]:
+    """``--seeds 0,1,2`` (each in [0, 2**32), a repeated seed collapsed: it is one run) or the protocol's."""
     if text is None:
         return default
     try:
-        return [int(s) for s in text.split(",") if s.strip()]
+        seeds = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        raise OsslbenchError(f"--seeds {text!r}: expected comma-separated integers") from None
+        raise ConfigError(f"--seeds {text!r}: expected comma-separated integers") from None
+    if not seeds:
+        raise ConfigError(f"--seeds {text!r}: no seed given")
+    return list(dict.fromkeys(_seed(s, "--seeds") for s in seeds))
 
 
 def cmd_run(args: argparse.Namespace) -> None:
@@ -124,7 +137,9 @@ def cmd_run(args: argparse.Namespace) -> None:
           f"{args.out}", file=sys.stderr)
     run_grid(points, methods, seeds, opts)
     table = write_leaderboard(args.out, protocol.name)
-    print(markdown(table[table["scale"] == protocol.scale]))
+    if not table.empty:
+        table = table[table["scale"] == protocol.scale_label]
+    print(markdown(table))
     print(f"osslbench: done in {time.perf_counter() - t0:.0f} s; {args.out / protocol.name / 'leaderboard.csv'}",
           file=sys.stderr)
 
@@ -148,9 +163,9 @@ def cmd_list(args: argparse.Namespace) -> None:
 
         items = {name: read_tree(path).get("description", "") for name, path in protocol_files().items()}
     elif args.what == "methods":
-        from .registry import family, methods
+        from .registry import family, methods, origin
 
-        items = {name: f"[{family(cls)}] {cls.description}" for name, cls in methods().items()}
+        items = {name: f"[{family(cls)}] ({origin(name)}) {cls.description}" for name, cls in methods().items()}
     elif args.what == "models":
         from .models import describe_models
 
@@ -183,7 +198,7 @@ def cmd_splits(args: argparse.Namespace) -> None:
     from .protocol import load_protocol
 
     protocol = load_protocol(args.protocol, args.scale, parse_overrides(args.overrides))
-    splits = make_splits(protocol, args.seed, args.data_root, args.download)
+    splits = make_splits(protocol, _seed(args.seed, "--seed"), args.data_root, args.download)
     report = splits_report(protocol, splits, args.data_root, args.download)
     print(json.dumps({"protocol": protocol.name, "scale": protocol.scale, "seed": args.seed, **report}, indent=2))
 
@@ -194,8 +209,11 @@ def cmd_leaderboard(args: argparse.Namespace) -> None:
     runs = collect(args.out, args.protocol) if args.out.is_dir() else None
     if runs is None or runs.empty:
         raise OsslbenchError(f"no results under {args.out}" + (f" for protocol {args.protocol}" if args.protocol else ""))
-    for protocol in sorted(set(runs["protocol"])):
-        write_leaderboard(args.out, protocol)
+    try:
+        for protocol in sorted(set(runs["protocol"])):
+            write_leaderboard(args.out, protocol)
+    except HostError as exc:  # finished results on a read-only disk can still be read
+        print(f"osslbench: warning: {exc}; printing the leaderboard only", file=sys.stderr)
     table = leaderboard(runs)
     print(markdown(table) if args.markdown else table.to_csv(index=False), end="")
 
@@ -211,13 +229,26 @@ COMMANDS = {"run": cmd_run, "bench": cmd_bench, "list": cmd_list, "show": cmd_sh
             "leaderboard": cmd_leaderboard, "plot": cmd_plot}
 
 
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The command line. Exit status: 0 done, 2 a mistake in the input (config, data, checkpoint, arguments),
+    3 the machine (disk full, read-only folder, no such device), 130 interrupted; every error is one line."""
     args = parser().parse_args(argv)
     try:
         COMMANDS[args.command](args)
     except OsslbenchError as exc:
-        print(f"osslbench: error: {exc}", file=sys.stderr)
-        return 2
+        print(f"osslbench: error: {_one_line(exc)}", file=sys.stderr)
+        return exc.exit_code
+    except OSError as exc:  # the machine, wherever it happened: a full disk, a read-only folder, a vanished file
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"osslbench: error: {where}{exc.strerror or _one_line(exc)}", file=sys.stderr)
+        return HostError.exit_code
+    except MemoryError:
+        print("osslbench: error: out of memory; use a smaller scale, batch size or --jobs", file=sys.stderr)
+        return HostError.exit_code
     except KeyboardInterrupt:
         print("osslbench: interrupted; run the same command again to resume from the last checkpoint",
               file=sys.stderr)

@@ -1,10 +1,16 @@
-"""User-facing errors: the CLI prints these as one line and exits with status 2."""
+"""User-facing errors: the CLI prints these as one line, ``osslbench: error: ...``.
+
+Exit status 2 for what the user gave (configs, data, checkpoints, arguments), 3 for what the machine did
+(:class:`HostError`: disk full, read-only folder, no such device).
+"""
 
 from __future__ import annotations
 
 
 class OsslbenchError(Exception):
-    """An error caused by the user's input or environment, reported as one line (no traceback)."""
+    """An error caused by the user's input, reported as one line (no traceback); exit status 2."""
+
+    exit_code = 2
 
 
 class ConfigError(OsslbenchError):
@@ -20,4 +26,15 @@ class DataCorruptError(OsslbenchError):
 
 
 class CheckpointError(OsslbenchError):
-    """A checkpoint file cannot be read or does not fit the architecture it is loaded into."""
+    """A checkpoint (or result) file cannot be read, is refused, or does not fit the architecture it is loaded into."""
+
+
+class TrainingDiverged(OsslbenchError):
+    """A loss became NaN or infinite; the message names the epoch, the step and the term (exit status 2: the
+    config's hyperparameters are the cause; the run resumes from its last good checkpoint)."""
+
+
+class HostError(OsslbenchError):
+    """The machine, not the input: disk full, read-only or unwritable folder, no such device (exit status 3)."""
+
+    exit_code = 3

@@ -35,8 +35,8 @@ def infer(method: Method, images: Tensor, prepare: Callable[[Tensor], Tensor], b
     for start in progress(starts) if progress else starts:
         x = prepare(images[start:start + batch_size])
         with autocast():
-            logits = method.predict(x)
-            scores = method.ood_score(x, logits)
+            logits, feats = method.predict(x, features=True)  # one backbone pass: the OOD score reads its features
+            scores = method.ood_score(x, logits, feats)
         logits_all.append(logits.float().cpu())
         scores_all.append(scores.float().cpu())
     if not logits_all:

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .models.base import Net
+from .ood import pooled
 from .protocol import OptimConfig, lr_factor
 from .teacher_cache import teacher_outputs
 
@@ -29,12 +30,16 @@ class MethodConfig:
         FixMatch: 7). Ignored by methods that use no unlabelled data.
     :param ema_decay: decay of an exponential moving average of the method's weights used for
         evaluation; 0 = evaluate the trained weights (FixMatch / MeanTeacher: 0.999).
+    :param ema_warmup: every EMA of the method (the evaluated one, Mean Teacher's teacher, OpenMatch's selection
+        model) warms up as TensorFlow's ``ExponentialMovingAverage`` with ``num_updates``:
+        ``min(d, (1 + t) / (10 + t))`` at update ``t`` (:mod:`osslbench.ema`); ``false`` = ``d`` from step 0.
     :param optim: overrides of the protocol's ``[optim]`` for this method (e.g. FixMatch's SGD
         Nesterov lr 0.03 with a cosine schedule); the method class's ``optim_defaults`` come first.
     """
 
     mu: float = 1.0
     ema_decay: float = 0.0
+    ema_warmup: bool = True
     optim: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -55,7 +60,7 @@ class Batch:
     :param epoch: current epoch (0-based).
     :param step: global iteration (0-based).
     :param steps_per_epoch: iterations per epoch (ramp-ups defined in epochs use ``step / steps_per_epoch``).
-    :param epochs: total epochs.
+    :param epochs: total epochs of the run (an init stage's included).
     :param x_sel: views of images drawn from the method's selected subset (``Method.selection``), in the
         order of ``Method.selected_views``; empty when the method selects nothing or the subset is empty.
     :param idx_sel: their positions in the pool.
@@ -63,9 +68,14 @@ class Batch:
         for the other views (the teacher-output cache serves the matching entry).
     :param teacher_ulb: the frozen teacher's outputs on ``x_ulb[0]`` served by the teacher-output cache
         (``Method.teacher_outputs``); None = computed live. Read through :meth:`Method.teacher_on`.
+    :param x_lb_extra: further views of the same labelled images, in the order of ``Method.labelled_views[1:]``
+        (OpenMatch's second labelled view); empty for most methods.
     :param gen: the CPU generator of this epoch's random draws, seeded from ``(seed, epoch)``. A method
         draws its own random numbers (MixUp's lambda, random classes) from it, never from torch's global
         generator: that keeps runs reproducible, resumable and independent of other runs in the process.
+    :param idx_lb: positions of the labelled images in the labelled set (per-sample state over the whole
+        training set, e.g. CRD's memory bank: labelled position ``i`` and pool position ``labelled_size + j``).
+    :param init_epochs: epochs of the method's initialisation stage at the start of the run (``Method.init_epochs``).
     """
 
     x_lb: Tensor
@@ -79,8 +89,16 @@ class Batch:
     x_sel: list[Tensor] = field(default_factory=list)
     idx_sel: Tensor | None = None
     gen: torch.Generator = field(default_factory=torch.Generator)
+    x_lb_extra: list[Tensor] = field(default_factory=list)
+    idx_lb: Tensor | None = None
+    init_epochs: int = 0
     flips_ulb: list[Tensor | None] = field(default_factory=list)
     teacher_ulb: dict[str, Tensor] | None = None
+
+    @property
+    def in_init(self) -> bool:
+        """The step belongs to the method's initialisation stage (``Method.init_epochs``)."""
+        return self.epoch < self.init_epochs
 
     @property
     def progress(self) -> float:
@@ -96,13 +114,15 @@ class PoolAccess:
     :param map: ``map(fn)`` applies ``fn(x) -> Tensor`` (x normalised, unaugmented) to the whole
         pool in evaluation batches with the model in eval mode and returns the concatenation.
     :param epoch: the epoch about to start.
-    :param epochs: total epochs.
+    :param epochs: total epochs (an init stage's included).
+    :param init_epochs: epochs of the method's initialisation stage at the start of the run.
     """
 
     size: int
     map: Callable[[Callable[[Tensor], Tensor]], Tensor]
     epoch: int
     epochs: int
+    init_epochs: int = 0
 
 
 class _Frozen:
@@ -124,9 +144,15 @@ class Method(nn.Module):
     :cvar needs_teacher: the Trainer supplies a frozen, eval-mode teacher.
     :cvar unlabelled_views: views of each unlabelled image the method wants: ``"weak"`` (flip +
         padded crop), ``"strong"`` (weak + RandAugment + Cutout), ``"plain"``; ``()`` = no unlabelled data.
+    :cvar labelled_views: views of each labelled image (``"weak"``: one, ``Batch.x_lb``; OpenMatch: two, the second
+        in ``Batch.x_lb_extra``).
     :cvar selected_views: views of a second unlabelled stream drawn from the subset the method
         selects each epoch (OpenMatch, MTC, T2T: re-selected from the WHOLE pool by ``on_epoch_start``,
-        returned by ``selection``); ``()`` = no such stream.
+        returned by ``selection``); ``()`` = no such stream. A subset smaller than one batch forms no batch
+        that epoch (the authors' ``drop_last`` loaders), so a tiny selection is never drawn hundreds of times.
+    :cvar padding_mode: padding of the random crop of the weak and strong views: ``"constant"`` (zeros,
+        RepDistiller's ``RandomCrop(32, padding=4)``, the distillers) or ``"reflect"`` (the FixMatch family's
+        ``RandomCrop(32, padding=4, padding_mode="reflect")``).
     :cvar needs_unlabelled: the method is meaningless without unlabelled images (every SSL method):
         ``mu = 0`` is a config error instead of an empty unlabelled batch (distillers may run closed-set).
     :cvar teacher_outputs: what the method reads from the frozen teacher through :meth:`teacher_on`:
@@ -142,19 +168,23 @@ class Method(nn.Module):
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     needs_teacher: ClassVar[bool] = False
     unlabelled_views: ClassVar[tuple[str, ...]] = ()
+    labelled_views: ClassVar[tuple[str, ...]] = ("weak",)
     selected_views: ClassVar[tuple[str, ...]] = ()
+    padding_mode: ClassVar[Literal["constant", "reflect"]] = "constant"
     needs_unlabelled: ClassVar[bool] = False
     teacher_outputs: tuple[str, ...] = ()
     optim_defaults: ClassVar[dict[str, Any]] = {}
     family: ClassVar[str] = ""
 
     def __init__(self, cfg: MethodConfig, student: Net, teacher: Net | None = None, num_classes: int = 0,
-                 pool_size: int = 0) -> None:
+                 pool_size: int = 0, labelled_size: int = 0, image_size: int = 32) -> None:
         super().__init__()
         self.cfg = cfg
         self.student = student
         self.num_classes = num_classes or student.classifier.out_features
         self.pool_size = pool_size  # images in the unlabelled pool (for per-sample state buffers)
+        self.labelled_size = labelled_size  # images in the labelled set (state over the whole training set)
+        self.image_size = image_size  # side of the training images (modules sized from feature-map shapes)
         if self.needs_teacher and teacher is None:
             raise ValueError(f"method {self.name} needs a teacher")
         if teacher is not None:
@@ -179,16 +209,34 @@ class Method(nn.Module):
         return bool(self.unlabelled_views) and self.cfg.mu > 0
 
     # --- what a method defines -------------------------------------------------------------
+    @classmethod
+    def check(cls, cfg: MethodConfig, student: Net, teacher: Net | None, image_size: int = 32) -> None:
+        """Refuse a config that does not fit the architectures on ``image_size`` inputs (a layer choice out of
+        range, too few feature maps) with a ``ConfigError`` naming the key. Runs in the preflight on freshly
+        built models, before anything is trained or written; a method may check again in ``__init__``."""
+
+    def init_epochs(self, epochs: int) -> int:
+        """Epochs of an initialisation stage run BEFORE the protocol's ``epochs`` (RepDistiller's ``init`` of
+        AB, FT and FSP); default 0. The Trainer runs ``init + epochs`` epochs, restarts the optimiser's state
+        (momentum) when the main stage begins, as a paper's separate stage optimiser would, and tells the
+        method the stage through ``Batch.init_epochs`` / ``PoolAccess.init_epochs``."""
+        return 0
+
     def losses(self, batch: Batch) -> dict[str, Tensor]:
         """Named loss terms of one step; the Trainer optimises their sum and logs each."""
         raise NotImplementedError
 
-    def predict(self, x: Tensor) -> Tensor:
-        """Logits used for evaluation (default: the student)."""
-        return self.student(x)
+    def predict(self, x: Tensor, features: bool = False) -> Any:
+        """Logits used for evaluation (default: the student's). With ``features``: ``(logits, h)``, ``h`` the pooled
+        final features of the SAME forward pass (the input of every head), which evaluation hands to
+        :meth:`ood_score`. A method that evaluates another network (Mean Teacher's EMA teacher) overrides both forms."""
+        return pooled(self.student, x) if features else self.student(x)
 
-    def ood_score(self, x: Tensor, logits: Tensor) -> Tensor:
-        """Outlier score, higher = more likely an outlier (default: 1 - max softmax probability)."""
+    def ood_score(self, x: Tensor, logits: Tensor, features: Tensor) -> Tensor:
+        """Outlier score, higher = more likely an outlier (default: 1 - max softmax probability).
+
+        ``logits`` and ``features`` come from the forward pass of ``predict(x, features=True)``: a method with an
+        OOD head applies it to ``features`` instead of running the backbone on ``x`` a second time."""
         return 1.0 - logits.float().softmax(dim=1).amax(dim=1)
 
     def on_epoch_start(self, pool: PoolAccess) -> dict[str, float]:
@@ -206,11 +254,14 @@ class Method(nn.Module):
         return None
 
     def lr_schedule(self, optim: OptimConfig, epochs: int, steps_per_epoch: int) -> Callable[[int], float]:
-        """Learning-rate multiplier of each iteration (default: ``optim.schedule`` over the whole run); a method
-        whose paper runs stages with their own schedules (T2T) overrides it. A function of the step alone, so
-        that resume restores it."""
+        """Learning-rate multiplier of each iteration (step counted from the start of the run): by default the
+        schedule's starting value through an init stage (``init_epochs``; RepDistiller's ``init`` trains at the
+        base lr), then ``optim.schedule`` over the protocol's ``epochs``; a method whose paper runs stages with
+        their own schedules (T2T, FT's init lr) overrides it. A function of the step alone, so that resume
+        restores it."""
         total = epochs * steps_per_epoch
-        return lambda step: lr_factor(optim, step, total)
+        init = self.init_epochs(epochs) * steps_per_epoch
+        return lambda step: lr_factor(optim, max(0, step - init), total, steps_per_epoch)
 
     # --- helpers shared by the baselines -------------------------------------------------------
     def teacher_on(self, batch: Batch) -> dict[str, Tensor]:

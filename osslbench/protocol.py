@@ -7,7 +7,9 @@ merged tree is validated, once, so every error names the file and the key.
 
 from __future__ import annotations
 
+import difflib
 import math
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +19,7 @@ from .config import ADDED_LATER, build, deep_merge
 from .errors import ConfigError
 
 # CIFAR-100 channel statistics used by RepDistiller and the SRD code for every image,
-# labelled and unlabelled alike (REFERENCE.md, "Augmentation").
+# labelled and unlabelled alike (docs/protocols.md, "Augmentation").
 CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)
 CIFAR100_STD = (0.2675, 0.2565, 0.2761)
 
@@ -72,6 +74,10 @@ class SplitConfig:
     :param mismatch: fraction of the unlabelled pool drawn from unseen classes (exact counts:
         ``round(mismatch * unlabelled)``), or ``"natural"``: the pool is the foreign source when
         there is one (SRD paper), else every labelled-source image not labelled (OpenMatch-style).
+    :param max_test: at most this many test images, and as many outlier-test images (0 = all): a fixed subset
+        chosen by a hash of the image index, the same for every seed and method, so figures stay comparable.
+        For smoke scales (evaluating a ResNet-32x4 teacher on 10,000 + 10,000 images takes minutes on a CPU);
+        a reported figure is always on the whole test set.
     """
 
     seen_classes: list[int | str] | Literal["all"] = "all"
@@ -79,8 +85,11 @@ class SplitConfig:
     labels_per_class: int | Literal["all"] = "all"
     unlabelled: int | Literal["all"] = "all"
     mismatch: float | Literal["natural"] = "natural"
+    max_test: int = field(default=0, metadata=ADDED_LATER)
 
     def __post_init__(self) -> None:
+        if self.max_test < 0:
+            raise ValueError(f"max_test = {self.max_test} must be >= 0 (0 = the whole test set)")
         if self.seen_superclasses < 0:
             raise ValueError(f"seen_superclasses = {self.seen_superclasses} must be >= 0")
         if self.seen_superclasses and self.seen_classes != "all":
@@ -105,6 +114,20 @@ class ModelsConfig:
     teacher: str
     student: str
 
+    def __post_init__(self) -> None:  # an unknown student must not wait until the teacher has trained to be found
+        from .models import MODELS
+
+        for role in ("teacher", "student"):
+            name = getattr(self, role)
+            if name not in MODELS:
+                close = difflib.get_close_matches(name, list(MODELS), n=1, cutoff=0.75)
+                hint = f"; did you mean {close[0]!r}?" if close else " (osslbench list models)"
+                raise ValueError(f"{role} = {name!r} is not a known model{hint}")
+        from .models import MODEL_INFO
+
+        if not MODEL_INFO[self.teacher].teacher:
+            raise ValueError(f"teacher = {self.teacher!r} is a student-only model and cannot be a teacher")
+
 
 @dataclass
 class TrainConfig:
@@ -118,8 +141,12 @@ class TrainConfig:
     :param eval_every: evaluate every this many epochs (and always at the last epoch).
     :param last_k: the reported ``top1_lastk`` is the mean of the last k evaluations (never the best).
     :param eval_batch_size: batch size for evaluation and pool scoring.
-    :param amp: bf16 autocast where the device supports it.
-    :param channels_last: channels-last memory format (faster convolutions on CPU and GPU).
+    :param amp: bf16 autocast: ``"auto"`` (default) only where the device computes bf16 natively (CUDA with
+        bf16; CPUs with AVX512-BF16 / AMX / Arm BF16), fp32 elsewhere (emulated bf16 is several times slower and
+        moves the numbers; see ``osslbench.hardware``); ``true`` forces it, ``false`` is fp32. Every result records
+        the precision used.
+    :param channels_last: channels-last memory format (faster convolutions; measured on a 2-core AVX2 CPU in fp32,
+        training img/s NCHW -> channels-last: cnn-small 35.7k -> 45.9k, WRN-16-1 533 -> 637, WRN-16-2 178 -> 189).
     :param teacher_cache: serve a frozen teacher's outputs on ``"flip"``-view unlabelled images from a cache
         computed once per pool image and flip (``osslbench/teacher_cache.py``); bitwise equal to the live forward
         pass, checked before use, so it changes no number and is on by default.
@@ -132,7 +159,7 @@ class TrainConfig:
     eval_every: int = 1
     last_k: int = 5
     eval_batch_size: int = 512
-    amp: bool = True
+    amp: bool | Literal["auto"] = "auto"
     channels_last: bool = True
     teacher_cache: bool = field(default=True, metadata=ADDED_LATER)
 
@@ -150,7 +177,10 @@ class OptimConfig:
 
     Defaults are the SRD paper's for every distillation method: SGD momentum 0.9, weight decay
     5e-4, lr 0.05, x0.1 at epochs 150, 180, 210 of 240 (``milestones`` are fractions of training).
-    ``cosine`` is FixMatch's ``lr * cos(7 pi k / 16 K)`` per iteration.
+    ``cosine`` is FixMatch's ``lr * cos(7 pi k / 16 K)`` per iteration. ``cosine_annealing`` is PyTorch's
+    ``CosineAnnealingLR(T_max=epochs, eta_min=lr_min)`` stepped once per epoch, as the SRD authors' PseudoLabel and
+    Mean Teacher scripts run it (``train_pseudolabel.py``: ``eta_min=1e-4``):
+    ``lr_min + (lr - lr_min) * (1 + cos(pi * e / E)) / 2`` in epoch ``e`` of ``E``.
     """
 
     name: Literal["sgd", "adam"] = "sgd"
@@ -159,21 +189,28 @@ class OptimConfig:
     nesterov: bool = False
     weight_decay: float = 5e-4
     decay_bn_bias: bool = True
-    schedule: Literal["multistep", "cosine", "constant"] = "multistep"
+    schedule: Literal["multistep", "cosine", "cosine_annealing", "constant"] = "multistep"
     milestones: list[float] = field(default_factory=lambda: [150 / 240, 180 / 240, 210 / 240])
     gamma: float = 0.1
+    lr_min: float = field(default=0.0, metadata=ADDED_LATER)
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
             raise ValueError(f"lr = {self.lr} must be > 0")
         if any(not 0 < m < 1 for m in self.milestones):
             raise ValueError("milestones are fractions of training, each in (0, 1)")
+        if not 0 <= self.lr_min <= self.lr:
+            raise ValueError(f"lr_min = {self.lr_min} must be in [0, lr]")
 
 
-def lr_factor(cfg: OptimConfig, step: int, total: int) -> float:
-    """Learning-rate multiplier at iteration ``step`` of ``total``."""
+def lr_factor(cfg: OptimConfig, step: int, total: int, steps_per_epoch: int = 1) -> float:
+    """Learning-rate multiplier at iteration ``step`` of ``total`` (``steps_per_epoch`` for per-epoch schedules)."""
     if cfg.schedule == "cosine":  # FixMatch: lr * cos(7 pi k / (16 K))
         return math.cos(7 * math.pi * step / (16 * total))
+    if cfg.schedule == "cosine_annealing":  # CosineAnnealingLR(T_max=epochs, eta_min=lr_min), stepped per epoch
+        epoch, epochs = step // steps_per_epoch, max(1, total // steps_per_epoch)
+        low = cfg.lr_min / cfg.lr
+        return low + (1 - low) * (1 + math.cos(math.pi * epoch / epochs)) / 2
     if cfg.schedule == "multistep":
         return cfg.gamma ** sum(step >= m * total for m in cfg.milestones)
     return 1.0
@@ -198,6 +235,24 @@ class Protocol:
     source_file: str = ""
     scales: list[str] = field(default_factory=list)
     sweep: dict[str, Any] = field(default_factory=dict)  # the point of a --sweep (osslbench.sweep), e.g. {"mismatch": 0.5}
+    overrides: dict[str, Any] = field(default_factory=dict)  # the --set tree: non-empty = a custom config, not the named scale
+
+    @property
+    def scale_label(self) -> str:
+        """The scale as results name it: ``"full"``, or ``"full+custom"`` when ``--set`` changed the named scale (a run
+        with ``train.epochs=3`` is not a full-scale result). Sweep points are named, not custom."""
+        return f"{self.scale}+custom" if self.overrides else self.scale
+
+    def __post_init__(self) -> None:
+        bad = [s for s in self.seeds if not 0 <= s < SEED_LIMIT]
+        if bad:
+            raise ValueError(f"seeds: {bad[0]} is outside [0, 2**32)")
+        if not self.seeds:
+            raise ValueError("seeds: no seed given")
+        self.seeds = list(dict.fromkeys(self.seeds))  # a repeated seed is one run, not two at once
+        self.methods = list(dict.fromkeys(self.methods))
+    # the student model's rules that hold (``register_model(student_defaults=...)``), after the scale and --set
+    student_rules: dict[str, Any] = field(default_factory=dict)
 
     @property
     def variant(self) -> str:
@@ -216,6 +271,9 @@ class Protocol:
             raise ConfigError(f"{self.source_file}: method.{name} must be a table")
         return tree
 
+
+#: Seeds are numpy / torch generator seeds: non-negative and below 2**32 (numpy's legacy seeding limit).
+SEED_LIMIT = 2**32
 
 _TOP_KEYS = {"description", "paper", "default_scale", "scales", "data", "split", "models", "train", "optim",
              "methods", "seeds", "method", "extends"}
@@ -250,17 +308,27 @@ def find_protocol(name: str) -> Path:
 def read_tree(path: Path) -> dict[str, Any]:
     """The raw TOML tree of a protocol file."""
     try:
-        with path.open("rb") as fh:
-            return tomllib.load(fh)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: malformed TOML: {exc}") from None
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
+                          "TOML files must be saved as UTF-8") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: malformed TOML: {' '.join(str(exc).split())}") from None
+
+
+def _where(path: Path) -> str:
+    """How errors name a protocol file: ``protocols/<file>`` for a built-in, else the path as given."""
+    return f"protocols/{path.name}" if path.resolve() == protocol_files().get(path.stem, Path()).resolve() else str(path)
 
 
 def _resolved_tree(path: Path, where: str, chain: list[Path]) -> dict[str, Any]:
-    """The file's tree merged over the protocol it ``extends`` (a built-in name), recursively: a family of
-    protocols (CIFAR-100 seen 50 / 55 / 80 / 20) is one file plus one small file per member."""
+    """The file's tree merged over the protocol it ``extends``, recursively: a family of protocols (CIFAR-100
+    seen 50 / 55 / 80 / 20) is one file plus one small file per member. ``extends`` is a built-in protocol's
+    name or a ``.toml`` path, relative to the folder of the file that extends it."""
     tree = read_tree(path)
     unknown = sorted(set(tree) - _TOP_KEYS)
     if unknown:
@@ -268,12 +336,48 @@ def _resolved_tree(path: Path, where: str, chain: list[Path]) -> dict[str, Any]:
     parent = tree.pop("extends", None)
     if parent is None:
         return tree
-    if not isinstance(parent, str):
-        raise ConfigError(f"{where}: extends must be the name of a built-in protocol")
-    base = find_protocol(parent)
+    if not isinstance(parent, str) or not parent:
+        raise ConfigError(f"{where}: extends must be the name of a built-in protocol or a .toml path")
+    if parent.endswith(".toml"):
+        base = path.parent / parent
+        if not base.is_file():
+            raise ConfigError(f"{where}: extends {parent!r}: no such file {base}")
+    else:
+        try:
+            base = find_protocol(parent)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: extends: {exc}") from None
     if base.resolve() in chain or base.resolve() == path.resolve():
         raise ConfigError(f"{where}: extends {parent!r} forms a cycle")
-    return deep_merge(_resolved_tree(base, f"protocols/{base.name}", [*chain, path.resolve()]), tree)
+    return deep_merge(_resolved_tree(base, _where(base), [*chain, path.resolve()]), tree)
+
+
+def _without(rules: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """``rules`` less every key path that ``given`` sets (a scale or ``--set`` beats a model's rule)."""
+    out = {}
+    for key, value in rules.items():
+        if key not in given:
+            out[key] = value
+        elif isinstance(value, dict) and isinstance(given[key], dict):
+            rest = _without(value, given[key])
+            if rest:
+                out[key] = rest
+    return out
+
+
+def student_rules(tree: dict[str, Any], later: list[dict[str, Any]], where: str) -> dict[str, Any]:
+    """The student's ``student_defaults`` (:class:`osslbench.models.ModelInfo`) that hold for the merged ``tree``:
+    those not set by a ``later`` layer (the scale, ``--set``)."""
+    from .models import MODEL_INFO  # the zoo registers itself on import
+
+    models = tree.get("models")
+    if not isinstance(models, dict):
+        return {}
+    student = models.get("student")  # unknown models and roles are ModelsConfig's errors
+    rules = MODEL_INFO[student].student_defaults if isinstance(student, str) and student in MODEL_INFO else {}
+    for layer in later:
+        rules = _without(rules, layer)
+    return rules
 
 
 def load_protocol(name: str, scale: str | None = None, overrides: dict[str, Any] | None = None) -> Protocol:
@@ -284,7 +388,13 @@ def load_protocol(name: str, scale: str | None = None, overrides: dict[str, Any]
     :param overrides: a tree from ``--set`` (:func:`osslbench.config.parse_overrides`), applied last.
     """
     path = find_protocol(name)
-    where = str(path) if name.endswith(".toml") else f"protocols/{path.name}"
+    where = _where(path)
+    builtin = protocol_files().get(path.stem)
+    if builtin is not None and builtin.resolve() != path.resolve():
+        raise ConfigError(f"{path}: named like the built-in protocol {path.stem!r}, whose results live in "
+                          f"<out>/{path.stem}/; rename the file (a protocol's file name names its results folder)")
+    if not _NAME.fullmatch(path.stem):
+        raise ConfigError(f"{path}: a protocol file name must be letters, digits, '-', '_' or '.' (it names a folder)")
     tree = _resolved_tree(path, where, [])
     scales = tree.pop("scales", {})
     if not isinstance(scales, dict) or any(not isinstance(v, dict) for v in scales.values()):
@@ -300,8 +410,28 @@ def load_protocol(name: str, scale: str | None = None, overrides: dict[str, Any]
         bad = sorted((set(layer) - _TOP_KEYS) | ({"scales", "default_scale"} & set(layer)))
         if bad:
             raise ConfigError(f"{layer_where}: unknown key {bad[0]!r}")
-    tree = deep_merge(deep_merge(tree, scales.get(scale, {})), overrides or {})
     tree.setdefault("description", "")
     tree.setdefault("paper", "")
-    tree.update(name=path.stem, scale=scale, source_file=where, scales=names)
-    return build(Protocol, tree, where)
+    tree.update(name=path.stem, source_file=where, scales=names, overrides=overrides or {})
+    # every scale is validated whole (with the same --set), so a typo in [scales.smoke] is found while running mini
+    chosen = None
+    for other in [scale, *[n for n in names if n != scale]]:
+        at = where if other == scale else f"{where} [scales.{other}]"
+        merged = deep_merge(deep_merge(tree, scales.get(other, {})), overrides or {})
+        merged["student_rules"] = student_rules(merged, [scales.get(other, {}), overrides or {}], at)
+        protocol = build(Protocol, {**merged, "scale": other}, at)
+        _check_methods(protocol, at)
+        chosen = chosen or protocol
+    assert chosen is not None
+    return chosen
+
+
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
+
+
+def _check_methods(protocol: Protocol, where: str) -> None:
+    """Every method the protocol names (its ``methods`` list, its ``[method.<name>]`` tables, ``--set
+    method.<name>.*``) is a known method whose table has only its keys, even when this command does not run it."""
+    from .registry import check_protocol_methods  # the registry imports this module
+
+    check_protocol_methods(protocol, where)

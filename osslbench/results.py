@@ -9,11 +9,29 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .errors import CheckpointError
+from .fsio import RunLock, atomic_write_text
 from .protocol import Protocol
 
 RESULT = "result.json"
 # Columns averaged over seeds (mean and std), in leaderboard order.
-METRICS = ["top1_last", "top1_lastk", "top5_last", "auroc_last", "auroc_lastk", "train_s", "hook_s"]
+METRICS = ["top1_last", "top1_lastk", "top1_raw_last", "top5_last", "auroc_last", "auroc_lastk", "train_s", "hook_s"]
+
+
+def summarize(history: list[dict], last_k: int) -> dict[str, float]:
+    """Last-epoch and mean-of-last-k figures (never the best epoch: that would select on the test set)."""
+    evals = [r for r in history if "top1" in r]
+    if not evals:
+        return {}
+    last, tail = evals[-1], evals[-last_k:]
+    out: dict[str, float] = {"epochs": history[-1]["epoch"], "last_k": len(tail),
+                             "train_s": sum(r["train_s"] + r.get("eval_s", 0.0) for r in history),
+                             "hook_s": sum(r.get("hook_s", 0.0) for r in history)}
+    for key in ("top1", "top5", "auroc", "top1_raw"):
+        if key in last:
+            out[f"{key}_last"] = last[key]
+            out[f"{key}_lastk"] = float(np.mean([r[key] for r in tail]))
+    return out
 
 
 def run_dir(out: Path, protocol: Protocol, method: str, seed: int) -> Path:
@@ -34,15 +52,34 @@ def versions() -> dict[str, str]:
 
 
 def read_result(path: Path) -> dict | None:
-    """A finished run's result, or None when absent."""
-    return json.loads(path.read_text()) if path.exists() else None
+    """A finished run's result, or None when absent; a damaged file is a :class:`CheckpointError` naming it."""
+    if not path.exists():
+        return None
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc.strerror}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path} is damaged ({type(exc).__name__} at position {getattr(exc, 'pos', '?')}); "
+                              "delete it to run that run again") from None
+    if not isinstance(result, dict) or not {"config_hash", "metrics"} <= set(result):
+        raise CheckpointError(f"{path} is not an osslbench result (no config_hash / metrics); delete it to run that "
+                              "run again")
+    return result
 
 
 def write_result(path: Path, result: dict) -> None:
     """Atomically write a run's ``result.json``."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(result, indent=2, sort_keys=True) + "\n")
+
+
+def _precision(result: dict) -> str:
+    """The precision a run used; results from before it was recorded ran with ``train.amp = true``, which was bf16
+    autocast on every CPU and bf16-capable GPU."""
+    if "precision" in result:
+        return result["precision"]
+    amp = result.get("config", {}).get("protocol", {}).get("train", {}).get("amp", True)
+    return "bf16" if amp is True else "fp32"
 
 
 def collect(out: Path, protocol: str | None = None) -> pd.DataFrame:
@@ -50,17 +87,20 @@ def collect(out: Path, protocol: str | None = None) -> pd.DataFrame:
     rows = []
     for folder in sorted(out.glob(protocol or "*")):
         for path in sorted(folder.rglob(f"seed*/{RESULT}")):
-            r = json.loads(path.read_text())
-            if r.get("role") != "student":
+            r = read_result(path)
+            if r is None or r.get("role") != "student":
                 continue
             sizes = r.get("split", {})
             pool = sizes.get("unlabelled_seen", 0) + sizes.get("unlabelled_unseen", 0)
-            rows.append({"protocol": r["protocol"], "scale": r["scale"],
+            # a run whose --set changed its named scale is labelled so (``full+custom``), never plainly ``full``
+            scale = f"{r['scale']}+custom" if r.get("overrides") else r["scale"]
+            rows.append({"protocol": r["protocol"], "scale": scale,
                          **{f"sweep_{k}": v for k, v in r.get("sweep", {}).items()},
                          "method": r["method"], "seed": r["seed"], "config_hash": r["config_hash"],
                          "teacher_top1": r.get("teacher", {}).get("top1"),
                          # the unlabelled pool's real fraction of unseen-class images
                          "mismatch": sizes.get("unlabelled_unseen", 0) / pool if pool else float("nan"),
+                         "steps": r.get("steps"), "precision": _precision(r),
                          **r["metrics"]})
     return pd.DataFrame(rows)
 
@@ -77,6 +117,8 @@ def leaderboard(runs: pd.DataFrame) -> pd.DataFrame:
     table["seeds"] = grouped["seed"].nunique()
     table["teacher_top1"] = grouped["teacher_top1"].mean()
     table["mismatch"] = grouped["mismatch"].mean()
+    table["steps"] = grouped["steps"].max()
+    table["precision"] = grouped["precision"].agg(lambda s: "+".join(sorted(set(map(str, s)))))
     table["config_hashes"] = grouped["config_hash"].agg(lambda s: ",".join(sorted(set(s))))
     table = table.reset_index().sort_values([*keys[:-1], "top1_last"], ascending=[True] * (len(keys) - 1) + [False])
     return table.round(2)
@@ -96,9 +138,9 @@ def markdown(table: pd.DataFrame) -> str:
 
 def write_leaderboard(out: Path, protocol: str) -> pd.DataFrame:
     """Write ``<out>/<protocol>/leaderboard.csv`` and ``.md`` from the runs' ``result.json`` files."""
-    table = leaderboard(collect(out, protocol))
     folder = out / protocol
-    folder.mkdir(parents=True, exist_ok=True)
-    table.to_csv(folder / "leaderboard.csv", index=False)
-    (folder / "leaderboard.md").write_text(markdown(table))
+    with RunLock(folder, own_temporaries=False):  # collected and written as one step: a concurrent run's result is never dropped
+        table = leaderboard(collect(out, protocol))
+        atomic_write_text(folder / "leaderboard.csv", table.to_csv(index=False))
+        atomic_write_text(folder / "leaderboard.md", markdown(table))
     return table

@@ -4,7 +4,6 @@ Dask cluster (joblib's ``dask`` backend); each run is skipped when its result al
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -17,17 +16,20 @@ from tqdm.auto import tqdm
 
 from .config import as_tree, config_hash
 from .data.dataset import load_run_data, make_splits
-from .errors import CheckpointError, OsslbenchError
+from .errors import CheckpointError, ConfigError, HostError, OsslbenchError
+from .fsio import RunLock, check_out_folder, clear_folder
+from .method import Method, MethodConfig
 from .models import build_model
 from .models.checkpoint import load_state
 from .protocol import Protocol
-from .registry import get_method, method_config
-from .results import RESULT, read_result, run_dir, versions, write_result
+from .registry import get_method, method_config, student_rules_of
+from .results import RESULT, read_result, run_dir, summarize, versions, write_result
 from .teacher import get_teacher, teacher_config
-from .trainer import Schedule, Trainer, pick_device, seeded_init, summarize
+from .trainer import CHECKPOINT, METRICS, Schedule, Trainer, pick_device, seeded_init
 
 # Protocol keys that do not change a run's outcome, left out of its config hash.
-_NOT_HASHED = {"description", "paper", "methods", "seeds", "scales", "source_file", "method", "sweep"}
+_NOT_HASHED = {"description", "paper", "methods", "seeds", "scales", "source_file", "method", "sweep", "overrides",
+               "student_rules"}
 
 
 @dataclass
@@ -53,6 +55,9 @@ def run_config(protocol: Protocol, method: str, seed: int, teacher: str | None) 
     cfg, optim = method_config(cls, protocol)
     proto = {k: v for k, v in as_tree(protocol).items() if k not in _NOT_HASHED}
     tree = {"protocol": proto, "method": {"name": method, **as_tree(cfg)}, "optim": as_tree(optim), "seed": seed}
+    rules = student_rules_of(cls, protocol)
+    if rules:  # which of the student model's rules shaped this run (lr 0.01 for a ShuffleNet student, ...)
+        tree["student_rules"] = {"model": protocol.models.student, **rules}
     if cls.needs_teacher:
         tree["teacher"] = {"path": teacher} if teacher else {"trained": config_hash(teacher_config(protocol, seed))}
     return tree
@@ -66,17 +71,27 @@ def finished(protocol: Protocol, method: str, seed: int, opts: RunOptions) -> di
 
 
 def run_one(protocol: Protocol, method: str, seed: int, opts: RunOptions) -> dict:
-    """Train and evaluate one (protocol, method, seed); returns its ``result.json`` content."""
+    """Train and evaluate one (protocol, method, seed); returns its ``result.json`` content.
+
+    The run folder is owned by this process while it runs (:class:`~osslbench.fsio.RunLock`): another process
+    asking for the same run waits, then finds the result (same config) or refuses (another config).
+    """
+    folder = run_dir(opts.out, protocol, method, seed)
+    with RunLock(folder):
+        return _run_owned(protocol, method, seed, opts, folder)
+
+
+def _run_owned(protocol: Protocol, method: str, seed: int, opts: RunOptions, folder: Path) -> dict:
     cls = get_method(method)
     cfg, optim = method_config(cls, protocol)
     tree = run_config(protocol, method, seed, opts.teacher)
     h = config_hash(tree)
-    folder = run_dir(opts.out, protocol, method, seed)
     done = read_result(folder / RESULT)
     if done is not None and done["config_hash"] == h:
+        (folder / CHECKPOINT).unlink(missing_ok=True)  # left by a crash between the result and its clean-up
         return done
-    if (done is not None or (folder / "checkpoint.pt").exists()) and opts.overwrite:
-        shutil.rmtree(folder)
+    if (done is not None or (folder / CHECKPOINT).exists()) and opts.overwrite:
+        clear_folder(folder)
     elif done is not None:
         raise CheckpointError(f"{folder} holds a result of another config (hash {done['config_hash']} != {h}); "
                               "use another --out or --overwrite")
@@ -87,28 +102,33 @@ def run_one(protocol: Protocol, method: str, seed: int, opts: RunOptions) -> dic
     teacher, teacher_record = (None, {})
     if cls.needs_teacher:
         teacher, teacher_record = get_teacher(protocol, seed, data, opts.out, device, opts.teacher, opts.progress, opts.overwrite)
-    folder.mkdir(parents=True, exist_ok=True)
-    splits.save(folder / "splits.npz")
-    with seeded_init(seed):
-        student = build_model(protocol.models.student, data.num_classes, data.in_channels)
-        m = cls(cfg, student, teacher, num_classes=data.num_classes, pool_size=len(data.unlabelled_x))
-    schedule = Schedule(epochs=protocol.train.epochs, train=protocol.train, optim=optim, seed=seed)
-    trainer = Trainer(m, data, schedule, folder, h, device, desc=f"{method} s{seed}", progress=opts.progress,
-                      cache_dir=protocol.folder(opts.out) / "teacher-cache")
-    history = trainer.fit(stop_after=opts.stop_after)
-    if len(history) < protocol.train.epochs:
+    resuming = (folder / CHECKPOINT).exists()
+    try:
+        splits.save(folder / "splits.npz")
+        with seeded_init(seed):
+            student = build_model(protocol.models.student, data.num_classes, data.in_channels)
+            m = cls(cfg, student, teacher, num_classes=data.num_classes, pool_size=len(data.unlabelled_x),
+                    labelled_size=len(data.labelled_x), image_size=protocol.data.image_size)
+        schedule = Schedule(epochs=protocol.train.epochs, train=protocol.train, optim=optim, seed=seed)
+        trainer = Trainer(m, data, schedule, folder, h, device, desc=f"{method} s{seed}", progress=opts.progress,
+                          cache_dir=protocol.folder(opts.out) / "teacher-cache")
+        history = trainer.fit(stop_after=opts.stop_after)
+    except BaseException:
+        if not resuming and not (folder / CHECKPOINT).exists():  # nothing to resume from: leave nothing behind
+            for name in ("splits.npz", METRICS):
+                (folder / name).unlink(missing_ok=True)
+        raise
+    if len(history) < trainer.epochs:  # the protocol's epochs plus the method's init stage
         return {"incomplete": True, "epochs_done": len(history)}
     result = {
         "role": "student", "protocol": protocol.name, "scale": protocol.scale, "sweep": protocol.sweep,
-        "method": method, "seed": seed,
+        "overrides": protocol.overrides, "method": method, "seed": seed,
         "config_hash": h, "config": tree, "teacher": teacher_record, "metrics": summarize(history, protocol.train.last_k),
-        "split": splits.summary()["sizes"], "wall_s": time.perf_counter() - t0, "device": str(device),
-        "threads": torch.get_num_threads(), "kernels": trainer.kernels,
-        "finished": datetime.now(UTC).isoformat(timespec="seconds"),
-        "versions": versions(),
+        "split": splits.summary()["sizes"], "wall_s": time.perf_counter() - t0, **trainer.run_facts(),
+        "finished": datetime.now(UTC).isoformat(timespec="seconds"), "versions": versions(),
     }
     write_result(folder / RESULT, result)
-    (folder / "checkpoint.pt").unlink(missing_ok=True)  # the result is final; the checkpoint was for resume
+    (folder / CHECKPOINT).unlink(missing_ok=True)  # the result is final; the checkpoint was for resume
     return result
 
 
@@ -155,18 +175,60 @@ def _execute(calls: Iterable[tuple], opts: RunOptions, what: str) -> list:
     return list(tqdm(parallel(jobs), total=len(jobs), desc=what, disable=not opts.progress))
 
 
+def check_device(name: str) -> torch.device:
+    """The device ``--device`` names, refused before any training: an unknown name is a :class:`ConfigError`
+    (exit 2), a device this machine does not have is a :class:`HostError` (exit 3)."""
+    try:
+        device = pick_device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device {name!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cpu":
+        return device
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise HostError(f"--device {name}: no CUDA device is available on this machine "
+                            f"(torch {torch.__version__}); use --device cpu or auto")
+        if device.index is not None and device.index >= count:
+            raise HostError(f"--device {name}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}")
+        return device
+    if device.type == "mps" and torch.backends.mps.is_available():
+        return device
+    raise HostError(f"--device {name}: no {device.type} device is available to torch here; use --device cpu or auto")
+
+
+def check_architectures(protocol: Protocol, cls: type[Method], cfg: MethodConfig) -> None:
+    """``cls.check`` on freshly built student and teacher of the protocol (a layer choice that does not fit the
+    architectures is refused before anything is trained); the error is prefixed with the protocol file."""
+    in_channels = len(protocol.data.mean)  # one normalisation value per channel
+    classes = 2  # the layer shapes do not depend on the number of classes
+    with seeded_init(0):  # never touch torch's global generator
+        student = build_model(protocol.models.student, classes, in_channels)
+        teacher = build_model(protocol.models.teacher, classes, in_channels) if cls.needs_teacher else None
+    try:
+        cls.check(cfg, student, teacher, protocol.data.image_size)
+    except ConfigError as exc:
+        raise ConfigError(f"{protocol.source_file}: {exc}") from None
+
+
 def preflight(protocol: Protocol, methods: list[str], seeds: list[int], opts: RunOptions) -> None:
-    """Fail before anything is written or trained: every method's config, the data and the split of
-    every seed, and a ``--teacher`` checkpoint that must fit the protocol's teacher architecture."""
+    """Fail before anything is written or trained: the device, every method's config, the data and the split of
+    every seed, a ``--teacher`` checkpoint (given, so it must fit the protocol's teacher architecture, whether or
+    not a method of this command uses it: a wrong path is a mistake found now, not at the next distiller's
+    run), and an ``--out`` that can be written."""
+    check_device(opts.device)
     for m in methods:
-        method_config(get_method(m), protocol)
+        cls = get_method(m)
+        cfg, _ = method_config(cls, protocol)
+        check_architectures(protocol, cls, cfg)
     for seed in seeds:
         splits = make_splits(protocol, seed, opts.data_root, opts.download)
-    if opts.teacher and any(get_method(m).needs_teacher for m in methods):
+    if opts.teacher:
         if not Path(opts.teacher).is_file():
             raise CheckpointError(f"teacher checkpoint {opts.teacher} does not exist")
         in_channels = load_run_data(protocol, splits, opts.data_root).in_channels
         load_state(build_model(protocol.models.teacher, len(splits.seen_classes), in_channels), opts.teacher)
+    check_out_folder(opts.out)
 
 
 def run_grid(protocol: Protocol | Sequence[Protocol], methods: list[str], seeds: list[int],
@@ -174,6 +236,7 @@ def run_grid(protocol: Protocol | Sequence[Protocol], methods: list[str], seeds:
     """Every (sweep point, method, seed): teachers first (one per point and seed, shared by all methods),
     only where a run that needs it is not finished (teacher weights are not kept with the results)."""
     points = [protocol] if isinstance(protocol, Protocol) else list(protocol)
+    methods, seeds = list(dict.fromkeys(methods)), list(dict.fromkeys(seeds))  # one run each, never two at once
     if opts.jobs > 1 or opts.cluster:
         opts = RunOptions(**{**opts.__dict__, "progress": False})
     if not opts.teacher:

@@ -99,5 +99,6 @@ def sweep_protocols(name: str, scale: str | None, overrides: dict[str, Any], swe
             point = deep_merge(point, _nested(key, value))
         protocol = load_protocol(name, scale, deep_merge(overrides, point))
         protocol.sweep = {_short(key): _lookup(protocol, key) for key in keys}
+        protocol.overrides = overrides  # the point itself is named by ``sweep``, not a custom override
         points.append(protocol)
     return points

@@ -9,7 +9,6 @@ interrupted teacher resumes like any run.
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -21,13 +20,14 @@ from .data.augment import normalize
 from .data.dataset import RunData
 from .errors import CheckpointError
 from .evaluate import evaluate
+from .fsio import RunLock, atomic_write, clear_folder
 from .models import build_model
 from .models.base import Net
 from .models.checkpoint import load_state
 from .protocol import Protocol
 from .registry import get_method
-from .results import RESULT, read_result, versions, write_result
-from .trainer import Schedule, Trainer, atomic_write_bytes, autocast_context, seeded_init, summarize
+from .results import RESULT, read_result, summarize, versions, write_result
+from .trainer import Schedule, Trainer, autocast_context, seeded_init
 
 WEIGHTS = "teacher.pt"
 
@@ -68,16 +68,22 @@ def get_teacher(protocol: Protocol, seed: int, data: RunData, out: Path, device:
     """The seed's teacher (frozen use is up to the method) and its record for ``result.json``."""
     if teacher_path:
         return load_teacher_file(Path(teacher_path), protocol, data, device)
+    folder = teacher_dir(out, protocol, seed)
+    with RunLock(folder):  # runs of several methods (or processes) share a teacher: one trains it, the others wait
+        return _cached_or_trained(protocol, seed, data, folder, device, progress, overwrite)
+
+
+def _cached_or_trained(protocol: Protocol, seed: int, data: RunData, folder: Path, device: torch.device,
+                       progress: bool, overwrite: bool) -> tuple[Net, dict]:
     cfg = teacher_config(protocol, seed)
     h = config_hash(cfg)
-    folder = teacher_dir(out, protocol, seed)
     done = read_result(folder / RESULT)
     model = _build(protocol, data, seed)
     if done is not None and done["config_hash"] == h and (folder / WEIGHTS).exists():
         load_state(model, folder / WEIGHTS)
         return model, done["teacher"]
     if done is not None and done["config_hash"] != h and overwrite:
-        shutil.rmtree(folder)
+        clear_folder(folder)
     elif done is not None and done["config_hash"] != h:
         raise CheckpointError(f"{folder} holds a teacher of another config (hash {done['config_hash']} != {h}); "
                               "use another --out or --overwrite")
@@ -92,12 +98,13 @@ def get_teacher(protocol: Protocol, seed: int, data: RunData, out: Path, device:
     summary = summarize(history, protocol.train.last_k)
     record = {"source": "trained", "arch": protocol.models.teacher, "config_hash": h,
               "top1": summary["top1_last"], "top5": summary["top5_last"], "train_s": summary["train_s"],
-              "epochs": protocol.train.teacher_epochs, "dir": str(folder)}
+              "epochs": protocol.train.teacher_epochs, "precision": trainer.precision, "dir": str(folder)}
     model = model.cpu().to(memory_format=torch.contiguous_format)
-    atomic_write_bytes(folder / WEIGHTS, lambda p: torch.save({"model": model.state_dict(), "arch": model.arch}, p))
+    atomic_write(folder / WEIGHTS, lambda p: torch.save({"model": model.state_dict(), "arch": model.arch}, p))
     write_result(folder / RESULT, {"role": "teacher", "protocol": protocol.name, "scale": protocol.scale,
                                    "sweep": protocol.sweep,
                                    "seed": seed, "config_hash": h, "config": cfg, "teacher": record,
-                                   "metrics": summary, "wall_s": time.perf_counter() - t0, "versions": versions()})
+                                   "metrics": summary, "wall_s": time.perf_counter() - t0, **trainer.run_facts(),
+                                   "versions": versions()})
     (folder / "checkpoint.pt").unlink(missing_ok=True)  # teacher.pt is the cache; the checkpoint was for resume
     return model, record

@@ -1,43 +1,40 @@
 """The Trainer: optimiser, schedule, precision, EMA, evaluation, checkpoints and resume.
 
-Resume is exact at epoch boundaries: every random stream of an epoch (sampling order,
-augmentation, the methods' own randomness through ``Batch.gen``) is seeded from ``(seed, epoch)``, so an
-epoch run after a restart draws the same numbers as it would have without the interruption. Torch's global
-generator is never used while training: runs sharing a process (Dask threads) would reseed each other.
+Resume is exact at epoch boundaries: every random stream of an epoch (sampling order, augmentation, the
+methods' own randomness through ``Batch.gen``) is seeded from ``(seed, epoch)`` by the batch pipeline
+(:mod:`osslbench.data.pipeline`), so an epoch run after a restart draws the same numbers as it would have
+without the interruption. Torch's global generator is never used while training: runs sharing a process
+(Dask threads) would reseed each other.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
-from .data.augment import normalize, rand_augment, random_crop_flip
 from .data.dataset import RunData
-from .errors import CheckpointError
+from .data.pipeline import BatchPipeline
+from .ema import EMA
+from .errors import CheckpointError, TrainingDiverged
 from .evaluate import evaluate
+from .fsio import atomic_write, atomic_write_text
+from .hardware import describe, use_bf16
 from .method import Batch, Method, PoolAccess
+from .models.checkpoint import safe_load
 from .protocol import OptimConfig, TrainConfig
-from .teacher_cache import TeacherCache, build_teacher_cache, cache_key, flip_mask, teacher_outputs, verify
+from .teacher_cache import TeacherCache, build_teacher_cache, cache_key, teacher_outputs, verify
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
-
-
-def derived_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (e.g. run seed, epoch, stream id), stable across runs and platforms."""
-    return int(np.random.SeedSequence(list(parts)).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
 _INIT_LOCK = threading.Lock()
@@ -50,13 +47,6 @@ def seeded_init(seed: int) -> Iterator[None]:
     with _INIT_LOCK, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
-
-
-def atomic_write_bytes(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file and rename, so a crash never leaves a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -77,9 +67,9 @@ def make_optimizer(params: list[tuple[str, torch.nn.Parameter]], cfg: OptimConfi
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
 
 
-def autocast_context(device: torch.device, enabled: bool) -> Callable[[], contextlib.AbstractContextManager]:
-    """bf16 autocast where the device supports it, else a no-op context."""
-    ok = enabled and (device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported()))
+def autocast_context(device: torch.device, amp: bool | str) -> Callable[[], contextlib.AbstractContextManager]:
+    """bf16 autocast where ``amp`` resolves to bf16 on ``device`` (:func:`osslbench.hardware.use_bf16`), else a no-op."""
+    ok = use_bf16(device, amp)
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16) if ok else contextlib.nullcontext()
 
 
@@ -112,82 +102,38 @@ class Trainer:
         method.to(device=device, memory_format=self.memory_format)
         if method._teacher.module is not None:
             method.teacher.to(device=device, memory_format=self.memory_format)
+        self.precision = "bf16" if use_bf16(device, tc.amp) else "fp32"
         self.autocast = autocast_context(device, tc.amp)
         self.iters = tc.iters_per_epoch or max(1, len(data.labelled_x) // tc.batch_size)
-        self.n_ulb = round(method.cfg.mu * tc.batch_size) if method.uses_unlabelled and len(data.unlabelled_x) else 0
+        # a method's init stage (AB / FT / FSP) runs before the protocol's epochs
+        self.init_epochs = method.init_epochs(schedule.epochs)
+        self.epochs = self.init_epochs + schedule.epochs
+        n_ulb = round(method.cfg.mu * tc.batch_size) if method.uses_unlabelled and len(data.unlabelled_x) else 0
+        self.pipeline = BatchPipeline(data, schedule.seed, tc.batch_size, self.iters, self.epochs, n_ulb, device,
+                                      self.memory_format, self.init_epochs)
         self.optimizer = make_optimizer([(n, p) for n, p in method.named_parameters() if p.requires_grad],
                                         schedule.optim)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, method.lr_schedule(schedule.optim, schedule.epochs, self.iters))
         decay = method.cfg.ema_decay
-        self.ema = AveragedModel(method, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True) if decay else None
+        self.ema = EMA(method, decay, method.cfg.ema_warmup) if decay else None
         self.history: list[dict] = []
 
     # --- data ------------------------------------------------------------------------------
     def prepare(self, x: Tensor) -> Tensor:
-        """uint8 batch -> normalised float on the device in the chosen memory format."""
-        x = normalize(x.to(self.device, non_blocking=True), self.data.mean, self.data.std)
-        return x.contiguous(memory_format=self.memory_format)
-
-    def view(self, kind: str, x: Tensor, gen: torch.Generator) -> Tensor:
-        """One augmented view of a uint8 batch (see ``Method.unlabelled_views``)."""
-        d = self.data
-        if kind == "weak":
-            return random_crop_flip(x, gen, padding=d.crop_padding, flip=d.flip)
-        if kind == "flip":
-            return random_crop_flip(x, gen, padding=0, flip=d.flip)
-        if kind == "strong":
-            return rand_augment(random_crop_flip(x, gen, padding=d.crop_padding, flip=d.flip), gen)
-        if kind == "plain":
-            return x
-        raise ValueError(f"unknown view {kind!r}")
-
-    @staticmethod
-    def index_stream(n: int, per_step: int, steps: int, gen: torch.Generator) -> Tensor:
-        """``steps x per_step`` indices: concatenated random permutations of ``range(n)``."""
-        need = per_step * steps
-        perms = [torch.randperm(n, generator=gen) for _ in range(-(-need // n))]
-        return torch.cat(perms)[:need].view(steps, per_step)
+        """uint8 batch -> normalised float on the device (the pipeline's)."""
+        return self.pipeline.prepare(x)
 
     def batches(self, epoch: int) -> Iterator[Batch]:
-        """The epoch's batches; every random draw comes from ``(seed, epoch)``."""
-        seed, d, b, m = self.s.seed, self.data, self.s.train.batch_size, self.method
-        gen = torch.Generator().manual_seed(derived_seed(seed, epoch, 1))
-        lab = self.index_stream(len(d.labelled_x), b, self.iters, gen)
-        ulb = self.index_stream(len(d.unlabelled_x), self.n_ulb, self.iters, gen) if self.n_ulb else None
-        subset = m.selection() if m.selected_views and self.n_ulb else None
-        sel = None
-        if subset is not None and len(subset):
-            sel = subset.cpu()[self.index_stream(len(subset), self.n_ulb, self.iters, gen)]
-        for i in range(self.iters):
-            x = self.prepare(self.view("weak", d.labelled_x[lab[i]], gen))
-            idx_u = ulb[i] if ulb is not None else torch.empty(0, dtype=torch.long)
-            raw_u = d.unlabelled_x[idx_u] if ulb is not None else None
-            views_u = [self.view(k, raw_u, gen) for k in m.unlabelled_views] if raw_u is not None else []
-            kinds = m.unlabelled_views if views_u else ()
-            flips_u = [flip_mask(v, raw_u) if k == "flip" else None for k, v in zip(kinds, views_u, strict=True)]
-            x_u = [self.prepare(v) for v in views_u]
-            idx_s = sel[i] if sel is not None else None
-            x_s = [self.prepare(self.view(k, d.unlabelled_x[idx_s], gen)) for k in m.selected_views] if sel is not None else []
-            step = epoch * self.iters + i
-            batch = Batch(x, d.labelled_y[lab[i]].to(self.device), x_u, idx_u, epoch, step, self.iters, self.s.epochs,
-                          x_s, idx_s, gen, flips_u)
+        """The pipeline's batches of ``epoch``, with the teacher-output cache's rows attached where it serves."""
+        for batch in self.pipeline.batches(epoch, self.method):
             if self.teacher_cache is not None:
-                batch.teacher_ulb = self.teacher_cache.lookup(idx_u, flips_u[0], self.device)
+                batch.teacher_ulb = self.teacher_cache.lookup(batch.idx_ulb, batch.flips_ulb[0], self.device)
             yield batch
 
     def pool_map(self, fn: Callable[[Tensor], Tensor]) -> Tensor:
         """``fn`` over the whole unlabelled pool, in eval mode and without gradients (epoch hooks)."""
-        was = self.method.training
-        self.method.eval()
-        out = []
-        bs = self.s.train.eval_batch_size
-        with torch.no_grad():
-            for start in range(0, len(self.data.unlabelled_x), bs):
-                with self.autocast():
-                    out.append(fn(self.prepare(self.data.unlabelled_x[start:start + bs])).float().cpu())
-        self.method.train(was)
-        return torch.cat(out) if out else torch.empty(0)
+        return self.pipeline.pool_map(self.method, fn, self.s.train.eval_batch_size, self.autocast)
 
     # --- teacher-output cache (osslbench/teacher_cache.py) -------------------------------------
     def cache_applies(self) -> str:
@@ -197,7 +143,7 @@ class Trainer:
             return "off (train.teacher_cache = false)"
         if m._teacher.module is None or not m.teacher_outputs:
             return "n/a (the method reads no teacher outputs through teacher_on)"
-        if not self.n_ulb or m.unlabelled_views[:1] != ("flip",):
+        if not self.pipeline.unlabelled or m.unlabelled_views[:1] != ("flip",):
             return "n/a (the method's first unlabelled view is not 'flip')"
         return ""
 
@@ -219,7 +165,7 @@ class Trainer:
         cache = build_teacher_cache(m.teacher, d.unlabelled_x, names, self.prepare, self.autocast, chunk, key,
                                     self.cache_dir)
         # the live path's shape: labelled + unlabelled images through the teacher in one pass
-        n = min(self.n_ulb, len(d.unlabelled_x))
+        n = min(self.pipeline.unlabelled, len(d.unlabelled_x))
         idx = torch.arange(n)
         flips = torch.arange(n) % 2 == 1
         x_lb = self.prepare(d.labelled_x[: tc.batch_size])
@@ -242,22 +188,31 @@ class Trainer:
 
     # --- checkpoints --------------------------------------------------------------------------
     def save(self, epoch: int) -> None:
+        """The checkpoint (which holds the history), then ``metrics.jsonl``, each written atomically: a crash
+        between the two is repaired by :meth:`resume`, which rewrites the metrics from the checkpoint."""
         state = {"epoch": epoch, "config_hash": self.config_hash, "method": self.method.state_dict(),
                  "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "ema": self.ema.state_dict() if self.ema else None, "history": self.history}
-        atomic_write_bytes(self.run_dir / CHECKPOINT, lambda p: torch.save(state, p))
-        lines = "".join(json.dumps(row) + "\n" for row in self.history)
-        atomic_write_bytes(self.run_dir / METRICS, lambda p: p.write_text(lines))
+        atomic_write(self.run_dir / CHECKPOINT, lambda p: torch.save(state, p))
+        self.write_metrics()
+
+    def write_metrics(self) -> None:
+        """``metrics.jsonl``: one line per epoch of the history (rewritten whole, atomically)."""
+        atomic_write_text(self.run_dir / METRICS, "".join(json.dumps(row) + "\n" for row in self.history))
 
     def resume(self) -> int:
-        """Load the run's checkpoint if there is one; the number of epochs already done."""
+        """Load the run's checkpoint if there is one; the number of epochs already done. ``metrics.jsonl`` is
+        rebuilt from the checkpoint's history, so the two never disagree (whatever a crash left)."""
         path = self.run_dir / CHECKPOINT
         if not path.exists():
+            (self.run_dir / METRICS).unlink(missing_ok=True)  # rows of a run whose checkpoint never landed
             return 0
-        try:
-            state = torch.load(path, map_location=self.device, weights_only=False)
-        except Exception as exc:  # a damaged file is reported, never silently overwritten
-            raise CheckpointError(f"{path}: cannot read checkpoint ({type(exc).__name__}); delete it to restart") from None
+        try:  # weights only: a checkpoint is data, never code (a damaged or poisoned file is refused, not overwritten)
+            state = safe_load(path, map_location=self.device)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{exc}; delete it to restart the run") from None
+        if not isinstance(state, dict) or "epoch" not in state:
+            raise CheckpointError(f"{path} is not an osslbench checkpoint; delete it to restart the run")
         if state.get("config_hash") != self.config_hash:
             raise CheckpointError(f"{path} was written by another config (hash {state.get('config_hash')} != "
                                   f"{self.config_hash}); use another --out or --overwrite")
@@ -267,50 +222,75 @@ class Trainer:
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
         self.history = state["history"]
+        self.write_metrics()
         return int(state["epoch"])
 
+    def run_facts(self) -> dict:
+        """How the run was computed, for its ``result.json``: steps, precision, memory format, threads, hardware."""
+        return {"steps": self.epochs * self.iters, "precision": self.precision,
+                "memory_format": "channels_last" if self.memory_format == torch.channels_last else "contiguous",
+                "device": str(self.device), "threads": torch.get_num_threads(), "hardware": describe(self.device)}
+
+    def diverged(self, terms: dict[str, Tensor], epoch: int, step: int) -> None:
+        """Stop on a non-finite loss with one line naming the epoch, the step and the term; nothing of this
+        epoch is written, so the run resumes from the checkpoint of the last finished epoch."""
+        bad = [f"{k} = {float(v.detach())}" for k, v in terms.items() if not torch.isfinite(v.detach()).all()]
+        done = f"resumes from epoch {epoch}" if epoch else "has no checkpoint yet"
+        raise TrainingDiverged(f"{self.run_dir}: loss {', '.join(bad) or 'sum is not finite'} at epoch {epoch + 1}, "
+                               f"step {step + 1} of {self.iters}; the run {done}; lower optim.lr or check the "
+                               f"method's settings (method.{self.method.name}.*)")
+
     # --- the loop -----------------------------------------------------------------------------
-    def step(self, batch: Batch) -> dict[str, Tensor]:
-        """One optimisation step on ``batch`` (what ``fit`` runs and ``osslbench bench`` times); the loss terms."""
+    def step(self, batch: Batch, epoch: int = 0, i: int = 0) -> dict[str, Tensor]:
+        """One optimisation step on ``batch`` (step ``i`` of ``epoch``: what ``fit`` runs and ``osslbench bench``
+        times); the loss terms."""
         with self.autocast():
             terms = self.method.losses(batch)
         loss = sum(terms.values())
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"{self.desc}: loss is {loss.item()} at epoch {batch.epoch + 1}, "
-                                     f"step {batch.step - batch.epoch * batch.steps_per_epoch}")
+            self.diverged(terms, epoch, i)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
         self.scheduler.step()
         self.method.after_step()
         if self.ema is not None:
-            self.ema.update_parameters(self.method)
+            self.ema.update(self.method)
         return terms
 
     def evaluate(self, bar: bool) -> dict[str, float]:
+        """The reported model's figures (the EMA's, when the method has one) and, beside them, the raw trained
+        weights' top-1 / top-5 (``top1_raw``), so a reader sees what the EMA changes."""
         model = self.ema.module if self.ema is not None else self.method
         progress = (lambda it: tqdm(it, desc=f"{self.desc} eval", leave=False, disable=not bar)) if bar else None
-        return evaluate(model, self.data.test_x, self.data.test_y, self.data.outlier_x, self.prepare,
-                        self.s.train.eval_batch_size, self.autocast, progress)
+        d, bs = self.data, self.s.train.eval_batch_size
+        out = evaluate(model, d.test_x, d.test_y, d.outlier_x, self.prepare, bs, self.autocast, progress)
+        if self.ema is not None:
+            raw = evaluate(self.method, d.test_x, d.test_y, d.outlier_x[:0], self.prepare, bs, self.autocast, progress)
+            out.update({f"{k}_raw": v for k, v in raw.items()})
+        return out
 
     def fit(self, stop_after: int | None = None) -> list[dict]:
         """Train to the last epoch (or stop after ``stop_after`` epochs, for tests); the epoch history."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         start = self.resume()
-        epochs, tc = self.s.epochs, self.s.train
+        epochs, tc = self.epochs, self.s.train
         if "teacher_cache" not in self.kernels:
             self.setup_teacher_cache()
         self.method.train()
         for epoch in range(start, epochs if stop_after is None else min(epochs, stop_after)):
             t0 = time.perf_counter()
-            pool = PoolAccess(size=len(self.data.unlabelled_x), map=self.pool_map, epoch=epoch, epochs=epochs)
+            if epoch == self.init_epochs > 0:  # the main stage starts with a fresh optimiser state (momentum)
+                self.optimizer.state.clear()
+            pool = PoolAccess(size=len(self.data.unlabelled_x), map=self.pool_map, epoch=epoch, epochs=epochs,
+                              init_epochs=self.init_epochs)
             row: dict = {"epoch": epoch + 1, **{f"hook_{k}": v for k, v in self.method.on_epoch_start(pool).items()}}
             row["hook_s"] = time.perf_counter() - t0  # the cost of re-scoring the pool (selection methods)
             sums: dict[str, float] = {}
             bar = tqdm(self.batches(epoch), total=self.iters, desc=f"{self.desc} {epoch + 1}/{epochs}",
                        leave=False, disable=not self.progress)
             for i, batch in enumerate(bar):
-                terms = self.step(batch)
+                terms = self.step(batch, epoch, i)
                 for k, v in terms.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach())
                 if i % 10 == 0:
@@ -327,18 +307,3 @@ class Trainer:
             self.save(epoch + 1)
         return self.history
 
-
-def summarize(history: list[dict], last_k: int) -> dict[str, float]:
-    """Last-epoch and mean-of-last-k figures (never the best epoch: that would select on the test set)."""
-    evals = [r for r in history if "top1" in r]
-    if not evals:
-        return {}
-    last, tail = evals[-1], evals[-last_k:]
-    out: dict[str, float] = {"epochs": history[-1]["epoch"], "last_k": len(tail),
-                             "train_s": sum(r["train_s"] + r.get("eval_s", 0.0) for r in history),
-                             "hook_s": sum(r.get("hook_s", 0.0) for r in history)}
-    for key in ("top1", "top5", "auroc"):
-        if key in last:
-            out[f"{key}_last"] = last[key]
-            out[f"{key}_lastk"] = float(np.mean([r[key] for r in tail]))
-    return out

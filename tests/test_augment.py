@@ -1,4 +1,4 @@
-"""Behaviour of the batch augmentation pipeline (osslbench.data.augment)."""
+"""Behaviour of the batch augmentation ops and views (osslbench.data.augment, .randaugment, .pipeline)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 
 from osslbench.data import augment as A
+from osslbench.data import pipeline as P
+from osslbench.data import randaugment as R
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -148,16 +150,16 @@ def test_crop_offsets_cover_the_range_uniformly() -> None:
 @pytest.mark.parametrize(("c", "size"), [(3, 32), (1, 8)])
 def test_rand_augment_dtype_shape_determinism(c: int, size: int) -> None:
     x = _images(32, c, size)
-    out = A.rand_augment(x, _gen(1))
+    out = R.rand_augment(x, _gen(1))
     assert out.dtype == torch.uint8 and out.shape == x.shape
-    assert torch.equal(out, A.rand_augment(x, _gen(1)))
-    assert not torch.equal(out, A.rand_augment(x, _gen(2)))
+    assert torch.equal(out, R.rand_augment(x, _gen(1)))
+    assert not torch.equal(out, R.rand_augment(x, _gen(2)))
     assert torch.equal(x, _images(32, c, size)), "the input must not be modified"
 
 
 def test_rand_augment_per_sample_randomness() -> None:
     x = _images(1).expand(16, 3, 32, 32).contiguous()
-    out = A.rand_augment(x, _gen(3), num_ops=2, cutout=0.0)
+    out = R.rand_augment(x, _gen(3), num_ops=2, cutout=0.0)
     distinct = {tuple(o.flatten().tolist()) for o in out}
     assert len(distinct) >= 8
 
@@ -166,7 +168,7 @@ def test_rand_augment_per_sample_randomness() -> None:
 def test_cutout_only(c: int, size: int, side: int) -> None:
     n, fill = 300, 128
     x = _images(n, c, size, high=100)  # no pixel equals the fill
-    out = A.rand_augment(x, _gen(4), num_ops=0, cutout=0.5, fill=fill)
+    out = R.rand_augment(x, _gen(4), num_ops=0, cutout=0.5, fill=fill)
     starts = set()
     for i in range(n):
         changed = (out[i] != x[i]).any(0)
@@ -182,14 +184,14 @@ def test_cutout_only(c: int, size: int, side: int) -> None:
 
 def test_plan_distribution() -> None:
     n = 7000
-    [(op, magnitude, sign)] = A._draw_plan(n, 1, _gen(5))
+    [(op, magnitude, sign)] = R._draw_plan(n, 1, _gen(5))
     assert set(magnitude.tolist()) == set(range(1, 11))
     assert set(sign.tolist()) == {-1, 1}
-    identity = A.OPS.index("Identity")
+    identity = R.OPS.index("Identity")
     share_identity = (op == identity).float().mean().item()
-    assert abs(share_identity - (0.5 + 0.5 / len(A.OPS))) < 0.03  # the 0.5 coin, plus Identity drawn
-    counts = torch.bincount(op[op != identity], minlength=len(A.OPS))
-    others = counts[torch.arange(len(A.OPS)) != identity].float()
+    assert abs(share_identity - (0.5 + 0.5 / len(R.OPS))) < 0.03  # the 0.5 coin, plus Identity drawn
+    counts = torch.bincount(op[op != identity], minlength=len(R.OPS))
+    others = counts[torch.arange(len(R.OPS)) != identity].float()
     assert bool((others > 0).all()) and others.max() / others.min() < 1.5
 
 
@@ -198,23 +200,23 @@ def test_plan_distribution() -> None:
 
 def test_identity_solarize_posterize() -> None:
     x = _images(4)
-    assert torch.equal(A.apply_op(x, "Identity", 7), x)
+    assert torch.equal(R.apply_op(x, "Identity", 7), x)
     for m in range(0, 11):
         threshold = 256 - int(m * 256 / 10)
         expected = torch.where(x.int() >= threshold, 255 - x, x)  # x.int(): a uint8 compare would wrap 256
-        assert torch.equal(A.apply_op(x, "Solarize", m), expected)
+        assert torch.equal(R.apply_op(x, "Solarize", m), expected)
         if threshold <= 255:
-            assert torch.equal(A.apply_op(x, "Solarize", m), TF.solarize(x, threshold))
+            assert torch.equal(R.apply_op(x, "Solarize", m), TF.solarize(x, threshold))
         bits = int(m * 4 / 10) + 4
-        out = A.apply_op(x, "Posterize", m)
+        out = R.apply_op(x, "Posterize", m)
         assert torch.equal(out, TF.posterize(x, bits))
         assert torch.equal(out, x & ((0xFF << (8 - bits)) & 0xFF))
 
 
 def test_equalize_and_autocontrast_match_torchvision_per_image() -> None:
     x = _images(6, high=180)
-    assert torch.equal(A.apply_op(x, "Equalize", 5), torch.stack([TF.equalize(img) for img in x]))
-    assert torch.equal(A.apply_op(x, "AutoContrast", 5), torch.stack([TF.autocontrast(img) for img in x]))
+    assert torch.equal(R.apply_op(x, "Equalize", 5), torch.stack([TF.equalize(img) for img in x]))
+    assert torch.equal(R.apply_op(x, "AutoContrast", 5), torch.stack([TF.autocontrast(img) for img in x]))
 
 
 def test_enhance_ops_match_torchvision_within_one_level() -> None:
@@ -227,17 +229,17 @@ def test_enhance_ops_match_torchvision_within_one_level() -> None:
     ]:
         for m in (1, 6, 10):
             ref = fn(x, m * 0.9 / 10 + 0.05)
-            assert (A.apply_op(x, name, m).int() - ref.int()).abs().max() <= 1, (name, m)
+            assert (R.apply_op(x, name, m).int() - ref.int()).abs().max() <= 1, (name, m)
 
 
-@pytest.mark.parametrize("name", [op for op in A.OPS if op != "AutoContrast"])
+@pytest.mark.parametrize("name", [op for op in R.OPS if op != "AutoContrast"])
 @pytest.mark.parametrize(("c", "size"), [(3, 32), (1, 8)])
 def test_ops_match_the_pil_source(name: str, c: int, size: int) -> None:
     """Every op except AutoContrast equals the FixMatch reimplementation's PIL code, pixel for pixel."""
     x = _images(4, c, size)
     for m in (1, 4, 10):
         for sign in (1, -1):
-            out = A.apply_op(x, name, m, sign, fill=100)
+            out = R.apply_op(x, name, m, sign, fill=100)
             ref = torch.stack([_reference(img, name, m, sign, 100) for img in x])
             assert torch.equal(out, ref), (name, m, sign, (out != ref).float().mean().item())
 
@@ -245,14 +247,14 @@ def test_ops_match_the_pil_source(name: str, c: int, size: int) -> None:
 def test_autocontrast_close_to_pil() -> None:
     x = _images(4, high=200)
     ref = torch.stack([_from_pil(PIL.ImageOps.autocontrast(_to_pil(img))) for img in x])
-    assert (A.apply_op(x, "AutoContrast", 1).int() - ref.int()).abs().max() <= 1
+    assert (R.apply_op(x, "AutoContrast", 1).int() - ref.int()).abs().max() <= 1
 
 
 def test_translate_is_an_integer_shift() -> None:
     x = _images(2)
-    out = A.apply_op(x, "TranslateX", 10, 1, fill=128)  # int(0.3 * 32) = 9 px; content moves left
+    out = R.apply_op(x, "TranslateX", 10, 1, fill=128)  # int(0.3 * 32) = 9 px; content moves left
     assert torch.equal(out[..., :-9], x[..., 9:]) and bool((out[..., -9:] == 128).all())
-    out = A.apply_op(x, "TranslateY", 5, -1, fill=3)  # int(0.15 * 32) = 4 px; content moves down
+    out = R.apply_op(x, "TranslateY", 5, -1, fill=3)  # int(0.15 * 32) = 4 px; content moves down
     assert torch.equal(out[..., 4:, :], x[..., :-4, :]) and bool((out[..., :4, :] == 3).all())
 
 
@@ -260,22 +262,22 @@ def test_per_sample_magnitudes_and_signs() -> None:
     x = _images(10)
     mags = torch.arange(1, 11)
     signs = torch.tensor([1, -1] * 5)
-    for name in A.OPS:
-        out = A.apply_op(x, name, mags, signs)
+    for name in R.OPS:
+        out = R.apply_op(x, name, mags, signs)
         for i in range(10):
-            assert torch.equal(out[i], A.apply_op(x[i : i + 1], name, int(mags[i]), int(signs[i]))[0]), name
+            assert torch.equal(out[i], R.apply_op(x[i : i + 1], name, int(mags[i]), int(signs[i]))[0]), name
 
 
 def test_apply_op_rejects_bad_arguments() -> None:
     x = _images(2)
     with pytest.raises(ValueError):
-        A.apply_op(x, "Invert", 3)
+        R.apply_op(x, "Invert", 3)
     with pytest.raises(ValueError):
-        A.apply_op(x, "Rotate", 11)
+        R.apply_op(x, "Rotate", 11)
     with pytest.raises(ValueError):
-        A.rand_augment(x.float(), _gen())  # type: ignore[arg-type]
+        R.rand_augment(x.float(), _gen())  # type: ignore[arg-type]
     with pytest.raises(TypeError):
-        A.rand_augment(x, 0)  # type: ignore[arg-type]
+        R.rand_augment(x, 0)  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------------------------------------ normalize, rot90
@@ -307,19 +309,19 @@ def test_rotate90() -> None:
 
 def test_views_order_and_kinds() -> None:
     x = _images(8)
-    plain, weak, strong = A.views(x, ["plain", "weak", "strong"], _gen(8), padding=4, flip=True)
+    plain, weak, strong = P.views(x, ["plain", "weak", "strong"], _gen(8), padding=4, flip=True)
     assert plain is x
     gen = _gen(8)
     assert torch.equal(weak, A.random_crop_flip(x, gen, padding=4, flip=True))
-    assert torch.equal(strong, A.rand_augment(A.random_crop_flip(x, gen, padding=4, flip=True), gen))
+    assert torch.equal(strong, R.rand_augment(A.random_crop_flip(x, gen, padding=4, flip=True), gen))
     with pytest.raises(ValueError):
-        A.views(x, ["weak", "medium"], _gen(), padding=4, flip=True)
+        P.views(x, ["weak", "medium"], _gen(), padding=4, flip=True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_gpu_batch_matches_cpu_batch() -> None:
     x = _images(64)
-    for fn in (A.random_crop_flip, A.rand_augment):
+    for fn in (A.random_crop_flip, R.rand_augment):
         cpu = fn(x, _gen(9))
         gpu = fn(x.cuda(), _gen(9))
         assert gpu.device.type == "cuda"

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from osslbench import sources
-from osslbench.data.images import ImageSet
 from osslbench.errors import DataMissingError
 from osslbench.sources import cache
 from osslbench.sources.base import Source
+from osslbench.sources.images import ImageSet
 
 
 class _Counting(Source):

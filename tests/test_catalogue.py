@@ -48,9 +48,14 @@ def sizes(name: str, scale: str = "smoke", overrides: dict | None = None, seed: 
 
 EXPECTED = {  # protocol -> labelled, unlabelled_seen, unlabelled_unseen, test, outlier_test at scale smoke
     "digits-openset": (60, 240, 240, 326, 214),
-    "cifar100-tinyimagenet": (50_000, 0, 100_000, 10_000, 10_000),
-    "cifar100-tinyimagenet-mismatch": (10_000, 10_000, 10_000, 10_000, 10_000),
-    "cifar100-places365": (50_000, 0, 1_803_460, 10_000, 36_500),
+    "cifar100-tinyimagenet": (50_000, 0, 100_000, 64, 64),  # smoke evaluates a hashed subset (split.max_test)
+    "cifar100-tinyimagenet-resnet8x4": (50_000, 0, 100_000, 64, 64),
+    "cifar100-tinyimagenet-shufflev1": (50_000, 0, 100_000, 64, 64),
+    "cifar100-tinyimagenet-shufflev2": (50_000, 0, 100_000, 64, 64),
+    "cifar100-tinyimagenet-mobilenetv2": (50_000, 0, 100_000, 64, 64),
+    "cifar100-tinyimagenet-bireal": (50_000, 0, 100_000, 64, 64),
+    "cifar100-tinyimagenet-mismatch": (10_000, 10_000, 10_000, 64, 64),  # extends cifar100-tinyimagenet
+    "cifar100-places365": (50_000, 0, 1_803_460, 64, 64),  # extends cifar100-tinyimagenet: its smoke cap too
     "cifar100-seen50": (1_250, 23_750, 25_000, 5_000, 5_000),
     "cifar100-seen55": (1_375, 26_125, 22_500, 5_500, 4_500),
     "cifar100-seen80": (2_000, 38_000, 10_000, 8_000, 2_000),

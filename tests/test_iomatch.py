@@ -163,14 +163,14 @@ def test_ood_score_is_the_outlier_class_probability():
     method = tiny_method().eval()
     x = fixed(4, 1, 8, 8)
     with torch.no_grad():
-        logits = method.predict(x)
-        assert torch.allclose(method.ood_score(x, logits), method.heads(x)[1].softmax(dim=1)[:, K])
+        logits, h = method.predict(x, features=True)
+        assert torch.allclose(method.ood_score(x, logits, h), method.heads(x)[1].softmax(dim=1)[:, K])
         method.open.weight.zero_()
         method.open.bias.zero_()
         method.open.bias[K] = 5.0  # the open-set head says "outlier"
-        outlier_like = method.ood_score(x, logits)
+        outlier_like = method.ood_score(x, logits, h)
         method.open.bias[K] = -5.0
-        inlier_like = method.ood_score(x, logits)
+        inlier_like = method.ood_score(x, logits, h)
     e = math.exp(5.0)
     assert outlier_like.tolist() == pytest.approx([e / (e + K)] * 4, rel=1e-5)  # higher = more likely an outlier
     assert inlier_like.tolist() == pytest.approx([1 / (1 + K * e)] * 4, rel=1e-4)

@@ -180,8 +180,9 @@ def test_trainer_gives_the_selected_stream_only_after_the_warm_up(tmp_path):
     assert ["loss_fix" in row for row in history] == [False, False, True, True]
     assert ["hook_selected" in row for row in history] == [False, False, True, True]
     assert all(row["hook_selected"] == 1.0 for row in history[2:])  # inlier_threshold 1: every image is selected
-    # two epochs of scoring the whole pool (10 images) for the selection, plus evaluation's OOD scores
-    assert sum(sizes) == 2 * 10 + 4 * (6 + 4)
+    # two epochs of scoring the whole pool (10 images) for the selection; evaluation's OOD scores reuse the
+    # evaluation pass's features (one backbone pass per image: tests/test_evaluate.py counts it)
+    assert sum(sizes) == 2 * 10
 
 
 # --- the FixMatch term, the heads, the OOD score ------------------------------------------------------
@@ -226,21 +227,22 @@ def test_ood_score_is_the_outlier_probability_of_the_predicted_class():
     method = tiny_method().eval()
     x = fixed(5, 1, 8, 8)
     with torch.no_grad():
-        logits = method.predict(x)
-        scores = method.ood_score(x, logits)
+        logits, h = method.predict(x, features=True)
+        scores = method.ood_score(x, logits, h)
         _, logits_open = method.heads(x)
         assert torch.allclose(scores, ova_outlier_score(logits_open, logits))
         # orientation: inlier logits above the outlier logits -> low score; below -> high score (higher = outlier)
         method.ova.weight.zero_()
         method.ova.weight[K:] = 1.0  # pooled features are >= 0 (ReLU), so every inlier logit is >= 0
-        inlier_like = method.ood_score(x, logits)
+        inlier_like = method.ood_score(x, logits, h)
         method.ova.weight[K:] = -1.0
-        outlier_like = method.ood_score(x, logits)
+        outlier_like = method.ood_score(x, logits, h)
     assert (inlier_like < 0.5).all() and (outlier_like > 0.5).all()
 
 
-def test_selection_model_is_an_ema_of_the_trained_weights():
-    method = tiny_method(ema_decay=0.9)
+@pytest.mark.parametrize(("warmup", "decay"), [(False, 0.9), (True, 0.1)])  # update 0 of the warm-up: min(0.9, 1/10)
+def test_selection_model_is_an_ema_of_the_trained_weights(warmup, decay):
+    method = tiny_method(ema_decay=0.9, ema_warmup=warmup)
     assert all(not p.requires_grad for p in method.select_model.parameters())
     before = [p.clone() for p in method.select_model.parameters()]
     with torch.no_grad():
@@ -250,7 +252,7 @@ def test_selection_model_is_an_ema_of_the_trained_weights():
     method.after_step()
     live = [*method.student.parameters(), *method.ova.parameters()]
     for e, b, w in zip(method.select_model.parameters(), before, live, strict=True):
-        assert torch.allclose(e, 0.9 * b + 0.1 * w, atol=1e-6)
+        assert torch.allclose(e, decay * b + (1 - decay) * w, atol=1e-6)
     for e, w in zip(method.select_model.buffers(), [*method.student.buffers(), *method.ova.buffers()], strict=True):
         assert torch.equal(e, w)  # buffers copied, as FixMatch-pytorch's ModelEMA
     x = fixed(3, 1, 8, 8)

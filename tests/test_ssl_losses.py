@@ -154,7 +154,7 @@ def test_meanteacher_ema_update_is_exactly_d_teacher_plus_1_minus_d_student():
     assert method.teacher_decay() == 0.9  # the configured decay is the one used (no hard-coded value)
     method.after_step()
     for t0, s, t1 in zip(teacher0, student, method.mean_teacher.parameters(), strict=True):
-        assert torch.equal(t1, t0 * 0.9 + (1.0 - 0.9) * s)
+        assert torch.allclose(t1, t0 * 0.9 + (1.0 - 0.9) * s, rtol=0, atol=1e-6)
         assert not torch.equal(t1, t0)
     assert all(torch.equal(p, s) for p, s in zip(method.student.parameters(), student, strict=True))
     # the teacher's BatchNorm statistics are its own, not averaged
@@ -163,30 +163,36 @@ def test_meanteacher_ema_update_is_exactly_d_teacher_plus_1_minus_d_student():
 
 
 def test_meanteacher_warmup_decay():
+    """The project's one EMA warm-up (osslbench.ema): update t uses min(d, (1 + t) / (10 + t))."""
     method = MeanTeacher(MeanTeacherConfig(ema_teacher=0.999), tiny_model(), num_classes=C)
     perturb_student(method)
     teacher0 = [p.clone() for p in method.mean_teacher.parameters()]  # = the initial student
     student = [p.clone() for p in method.student.parameters()]
-    method.after_step()  # step 1: d = min(0.999, 1 - 1/2) = 0.5
+    assert method.teacher_decay() == pytest.approx(1 / 10)
+    method.after_step()  # update 0: d = min(0.999, 1 / 10) = 0.1
     for t0, s, t1 in zip(teacher0, student, method.mean_teacher.parameters(), strict=True):
-        assert torch.equal(t1, t0 * 0.5 + 0.5 * s)
-    assert method.teacher_decay() == pytest.approx(1.0 - 1.0 / 2.0)  # before the increment of the next update
+        assert torch.allclose(t1, t0 * 0.1 + 0.9 * s, rtol=0, atol=1e-6)
+    assert method.teacher_decay() == pytest.approx(2 / 11)  # before the next update
     method.after_step()
-    assert method.teacher_decay() == pytest.approx(1.0 - 1.0 / 3.0)
-    method.ema_steps.fill_(5000)
+    assert method.teacher_decay() == pytest.approx(3 / 12)
+    method.ema_steps.fill_(10000)
     assert method.teacher_decay() == 0.999  # warm-up over: the configured decay
 
 
-def test_meanteacher_warmup_makes_the_teacher_the_plain_average_of_the_weights():
+def test_meanteacher_teacher_after_k_updates_is_the_warmup_closed_form():
+    """``e_k = prod_t d_t e_init + sum_t (1 - d_t) prod_{s > t} d_s w_t``, ``d_t = min(d, (1+t)/(10+t))``."""
     method = MeanTeacher(MeanTeacherConfig(ema_teacher=0.999), tiny_model(), num_classes=C)
     history = [[p.clone() for p in method.student.parameters()]]
     for _ in range(3):
         perturb_student(method)
         history.append([p.clone() for p in method.student.parameters()])
         method.after_step()
+    d = [min(0.999, (1 + t) / (10 + t)) for t in range(3)]
     for j, t in enumerate(method.mean_teacher.parameters()):
-        mean = torch.stack([h[j] for h in history]).mean(dim=0)
-        assert torch.allclose(t, mean, atol=1e-6)
+        expect = d[0] * d[1] * d[2] * history[0][j]
+        for k in range(3):
+            expect = expect + (1 - d[k]) * math.prod(d[k + 1:]) * history[k + 1][j]
+        assert torch.allclose(t, expect, atol=1e-6)
 
 
 def test_meanteacher_consistency_is_mse_of_softmaxes():

@@ -350,9 +350,9 @@ def test_ood_score_is_high_for_images_the_matching_head_rejects():
     method.cmm = FeatureHead()
     x = images(9, 12)
     with torch.no_grad():  # as in evaluate()
-        logits = method.predict(x)
+        logits, h = method.predict(x, features=True)
         m = method.matching_logit(x)
-        ood = method.ood_score(x, logits)
+        ood = method.ood_score(x, logits, h)
         assert torch.allclose(ood, 1 - method.matching_score(x), atol=1e-6)
     assert torch.equal(ood.argsort(), m.argsort(descending=True))  # higher match, lower outlier score
     accepted, rejected = m > 0, m < 0
@@ -364,7 +364,7 @@ def test_ood_score_is_high_for_images_the_matching_head_rejects():
 
     method.cmm = Saturated()
     with torch.no_grad():
-        ood = method.ood_score(x[:3], logits[:3])
+        ood = method.ood_score(x[:3], logits[:3], h[:3])
     assert (ood > 0).all() and ood[0] > ood[1] > ood[2]  # 1 - sigmoid would tie them at 0 in float32
 
 
@@ -377,8 +377,12 @@ def test_trainer_run_switches_stage_and_selects(tmp_path):
             (tmp_path / "digits-openset" / "full" / "t2t" / "seed0" / "metrics.jsonl").read_text().splitlines()]
     assert [r["hook_stage"] for r in rows] == [1.0, 2.0, 2.0, 2.0]  # round(0.2 * 4) = 1 epoch of stage 1
     assert "loss_match_ulb" not in rows[0] and "loss_consistency" not in rows[0]
+    batch = 5 * 32  # mu x batch: a selection smaller than one batch forms no batch (the authors' drop_last loader)
     for r in rows[1:]:
-        assert 0.0 < r["hook_selected"] < 1.0 and "loss_match_ulb" in r and "loss_consistency" in r
+        assert 0.0 < r["hook_selected"] < 1.0
+        full = round(r["hook_selected"] * 480) >= batch
+        assert "loss_match_ulb" in r and ("loss_consistency" in r) == full
+    assert any("loss_consistency" in r for r in rows)
     assert "auroc" in rows[-1]
     # the lr after each epoch (that of its next step): stage 2 starts at step 4 of 16 with 0.03, then its cosine
     assert [r["lr"] for r in rows] == pytest.approx([0.03 * math.cos(7 * math.pi * k / 192) for k in (0, 4, 8, 12)])

@@ -27,7 +27,7 @@ from osslbench.models.base import Net
 
 @dataclass
 class SRDConfig(MethodConfig):
-    """The authors' SRD settings (REFERENCE.md, "SRD, exactly").
+    """The authors' SRD settings (docs/srd.md, "The loss").
 
     :param gamma: cross-entropy weight on labelled images (1).
     :param alpha: KD weight (0: SRD uses no KL term on the student's own logits).
@@ -44,6 +44,11 @@ class SRDConfig(MethodConfig):
     w_feat: float = 1.0
     logit_loss: Literal["mse", "kl"] = "mse"
     temperature: float = 4.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.temperature <= 0:  # the KL divides the logits by T
+            raise ValueError(f"temperature = {self.temperature} must be > 0")
 
 
 def connector(in_channels: int, out_channels: int) -> nn.Sequential:

@@ -89,6 +89,7 @@ class IOMatch(Method):
     description = "IOMatch (Li et al. 2023): every unlabelled image trains an open-set (K+1) head; no filtering"
     Config = IOMatchConfig
     unlabelled_views = ("weak", "strong")
+    padding_mode = "reflect"  # USB (IOMatch's code): RandomCrop(padding=4, padding_mode="reflect")
     needs_unlabelled = True
     # USB's optimiser (the authors' configs): SGD Nesterov lr 0.03, momentum 0.9, cosine, no weight decay on BN and
     # biases. Weight decay 5e-4 (the authors' CIFAR-10 configs; their CIFAR-100 ones use 1e-3) as this harness's
@@ -112,11 +113,16 @@ class IOMatch(Method):
     def heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Closed-set, open-set (K+1) and multi-binary (2K) logits."""
         logits, h = pooled(self.student, x)
-        z = self.proj(h)
-        return logits, self.open(z), self.mb(z)
+        return (logits, *self.open_heads(h))
 
-    def ood_score(self, x: Tensor, logits: Tensor) -> Tensor:
-        return self.heads(x)[1].float().softmax(dim=1)[:, -1]
+    def open_heads(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        """Open-set (K+1) and multi-binary (2K) logits of pooled features ``h``."""
+        z = self.proj(h)
+        return self.open(z), self.mb(z)
+
+    def ood_score(self, x: Tensor, logits: Tensor, features: Tensor) -> Tensor:
+        """The open-set classifier's probability of the outlier class K+1 (the authors' open-set score)."""
+        return self.open_heads(features)[0].float().softmax(dim=1)[:, -1]
 
     @torch.no_grad()
     def align(self, p: Tensor, step: int) -> Tensor:

@@ -18,7 +18,7 @@ restores them.
 Curriculum: at the start of every epoch after the warm-up, Otsu's threshold ``t`` of the domain labels of the
 WHOLE pool is computed and the images with ``y_i >= t`` (the high, in-distribution mode) are selected; MixMatch
 (:mod:`osslbench.baselines.mixmatch`) runs on them with the labelled batch. The selection is re-done from the
-whole pool every epoch, so an image rejected once can come back (REFERENCE.md, "Pitfalls"). The code's domain
+whole pool every epoch, so an image rejected once can come back (docs/deviations.md, "Pitfalls"). The code's domain
 labels are ``1 - OOD score`` of the paper (the authors' note in ``train``): higher = in-distribution.
 
     warm-up (``pre_epochs``):  L = L_d
@@ -159,6 +159,7 @@ class MTC(Method):
     description = "MTC (Yu et al. 2020): OOD head on self-refined domain labels; MixMatch on Otsu-selected inliers"
     Config = MTCConfig
     unlabelled_views = ("weak",)  # the pool stream of the domain loss (the authors' transform_train)
+    padding_mode = "reflect"  # MixMatch-pytorch: pad(x, 4) in "reflect" mode before the random crop
     needs_unlabelled = True
     selected_views = ("weak", "weak")  # MixMatch's K weak views of the selected images; set from cfg.k
     # MixMatch's optimiser (``--lr 0.002``, Adam, constant); weight decay is decoupled (after_step).
@@ -180,15 +181,15 @@ class MTC(Method):
     # --- the OOD head ---------------------------------------------------------------------------
     def domain_logit(self, x: Tensor) -> Tensor:
         """``d(x)``, one logit per image (float32): high = in-distribution."""
-        _, h = pooled(self.student, x)
-        return self.domain_head(h).squeeze(1).float()
+        return self.domain_head(pooled(self.student, x)[1]).squeeze(1).float()
 
     def inlier_probability(self, x: Tensor) -> Tensor:
         """``sigmoid(d(x))``: the head's in-distribution probability (the authors' ``probs``)."""
         return torch.sigmoid(self.domain_logit(x))
 
-    def ood_score(self, x: Tensor, logits: Tensor) -> Tensor:
-        return 1.0 - self.inlier_probability(x)
+    def ood_score(self, x: Tensor, logits: Tensor, features: Tensor) -> Tensor:
+        """``1 - sigmoid(d(h))``: the head's outlier probability, on the evaluation pass's features."""
+        return 1.0 - torch.sigmoid(self.domain_head(features).squeeze(1).float())
 
     # --- schedule -------------------------------------------------------------------------------
     def warmup_epochs(self, epochs: int) -> int:

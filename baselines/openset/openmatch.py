@@ -7,7 +7,7 @@ minimisation) and consistent between two augmentations (soft open-set consistenc
 After a warm-up, the unlabelled images whose OVA head of the predicted class calls them inliers (outlier
 probability < 0.5) are selected, and FixMatch trains on them. The selection is made again from the WHOLE
 pool at the start of every epoch (as ``exclude_dataset`` does after ``init_index``); it never shrinks the
-pool for good (REFERENCE.md "Pitfalls"). Per step:
+pool for good (docs/deviations.md, "Pitfalls"). Per step:
 
     L = CE(z(x), y) + L_ova(z_open(x), y)                                          [labelled, weak view]
         + lambda_em * (H_ova(u1) + H_ova(u2)) / 2 + lambda_socr * SOCR(u1, u2)     [all unlabelled, two weak views]
@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from osslbench.baselines.ssl.fixmatch import pseudo_labels
+from osslbench.ema import ema_update, warmup_decay
 from osslbench.method import Batch, Method, MethodConfig, PoolAccess, cross_entropy
 from osslbench.models.base import Net
 from osslbench.ood import ova_entropy, ova_head, ova_loss, ova_outlier_score, ova_probs, pooled
@@ -102,7 +103,9 @@ class OpenMatch(Method):
     name = "openmatch"
     description = "OpenMatch (Saito et al. 2021): OVA heads + SOCR; FixMatch on the inliers, re-selected every epoch"
     Config = OpenMatchConfig
+    labelled_views = ("weak", "weak")  # the authors' labelled loader gives two weak views; CE and OVA see both
     unlabelled_views = ("weak", "weak")  # SOCR's two augmentations (TransformOpenMatch: two weak views)
+    padding_mode = "reflect"  # FixMatch-pytorch's RandomCrop(padding=4, padding_mode="reflect")
     needs_unlabelled = True
     selected_views = ("weak", "strong")  # FixMatch on the selected inliers (TransformFixMatch)
     # The authors' parser (FixMatch's): SGD Nesterov lr 0.03, momentum 0.9, wd 5e-4 not on BN and biases, cosine.
@@ -119,6 +122,7 @@ class OpenMatch(Method):
         self.select_model: nn.ModuleDict | None = None
         if cfg.ema_decay:
             self.select_model = copy.deepcopy(nn.ModuleDict({"student": student, "ova": self.ova})).requires_grad_(False)
+            self.register_buffer("select_updates", torch.zeros((), dtype=torch.long))
         self._selected: Tensor | None = None  # recomputed from the weights by every on_epoch_start
 
     def heads(self, x: Tensor, select: bool = False) -> tuple[Tensor, Tensor]:
@@ -134,20 +138,21 @@ class OpenMatch(Method):
         logits, logits_open = self.heads(x, select)
         return ova_outlier_score(logits_open, logits)
 
-    def ood_score(self, x: Tensor, logits: Tensor) -> Tensor:
-        return self.outlier_score(x)
+    def ood_score(self, x: Tensor, logits: Tensor, features: Tensor) -> Tensor:
+        """The OVA outlier probability of the predicted class, on the evaluation pass's logits and features."""
+        return ova_outlier_score(self.ova(features), logits)
 
-    @torch.no_grad()
     def after_step(self) -> None:
-        """Selection model: parameters ``e = d * e + (1 - d) * w``, buffers copied (FixMatch-pytorch's ModelEMA)."""
+        """Selection model: parameters ``e = d * e + (1 - d) * w`` with the project's EMA warm-up
+        (:mod:`osslbench.ema`), buffers copied (FixMatch-pytorch's ModelEMA)."""
         if self.select_model is None:
             return
-        d = self.cfg.ema_decay
+        d = warmup_decay(self.cfg.ema_decay, int(self.select_updates), self.cfg.ema_warmup)
         for ema, live in ((self.select_model["student"], self.student), (self.select_model["ova"], self.ova)):
-            for e, w in zip(ema.parameters(), live.parameters(), strict=True):
-                e.lerp_(w.detach(), 1.0 - d)
+            ema_update(ema, live, d, buffers=False)
             for e, w in zip(ema.buffers(), live.buffers(), strict=True):
                 e.copy_(w)
+        self.select_updates += 1
 
     def on_epoch_start(self, pool: PoolAccess) -> dict[str, float]:
         self._selected = None
@@ -161,11 +166,15 @@ class OpenMatch(Method):
         return self._selected
 
     def losses(self, batch: Batch) -> dict[str, Tensor]:
-        cfg, n, m = self.cfg, batch.x_lb.shape[0], batch.x_ulb[0].shape[0]
-        logits, logits_open = self.heads(torch.cat([batch.x_lb, *batch.x_ulb]))
+        # One forward over both labelled views and both unlabelled views (the authors' ``inputs``); CE and OVA
+        # on both labelled views (``targets_x.repeat(2)``).
+        x_lb = [batch.x_lb, *batch.x_lb_extra]
+        cfg, n, m = self.cfg, sum(len(x) for x in x_lb), batch.x_ulb[0].shape[0]
+        y = batch.y_lb.repeat(len(x_lb))
+        logits, logits_open = self.heads(torch.cat([*x_lb, *batch.x_ulb]))
         open_u1, open_u2 = logits_open[n:n + m], logits_open[n + m:n + 2 * m]
-        out = {"ce": cross_entropy(logits[:n], batch.y_lb),
-               "ova": ova_loss(logits_open[:n], batch.y_lb),
+        out = {"ce": cross_entropy(logits[:n], y),
+               "ova": ova_loss(logits_open[:n], y),
                "em": cfg.lambda_em * (ova_entropy(open_u1) + ova_entropy(open_u2)) / 2,
                "socr": cfg.lambda_socr * socr_loss(open_u1, open_u2)}
         if batch.x_sel:  # only after the warm-up, and only when something was selected

@@ -226,9 +226,10 @@ class T2T(Method):
         """``sigmoid(m(h, predicted class))`` (the authors' ``filter_ood``; high = inlier)."""
         return torch.sigmoid(self.matching_logit(x))
 
-    def ood_score(self, x: Tensor, logits: Tensor) -> Tensor:
-        # 1 - matching score, computed as sigmoid(-m) so that confident inliers keep distinct scores in float32
-        return torch.sigmoid(-self.matching_logit(x))
+    def ood_score(self, x: Tensor, logits: Tensor, features: Tensor) -> Tensor:
+        """``1 - sigmoid(m(h, predicted class))`` on the evaluation pass, computed as ``sigmoid(-m)`` so that
+        confident inliers keep distinct scores in float32."""
+        return torch.sigmoid(-self.cmm(features, logits.argmax(dim=1)).float())
 
     def on_epoch_start(self, pool: PoolAccess) -> dict[str, float]:
         self._selected = None

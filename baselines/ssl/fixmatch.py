@@ -18,7 +18,7 @@ from osslbench.method import Batch, Method, MethodConfig, cross_entropy
 
 @dataclass
 class FixMatchConfig(MethodConfig):
-    """FixMatch's CIFAR settings (paper, Table 7 / REFERENCE.md).
+    """FixMatch's CIFAR settings (paper, Table 7; docs/baselines.md, "Semi-supervised baselines").
 
     :param mu: unlabelled images per labelled image (7).
     :param ema_decay: EMA of the weights used for evaluation (0.999).
@@ -46,6 +46,7 @@ class FixMatch(Method):
     description = "FixMatch (Sohn et al. 2020): confident weak-view pseudo-labels train the strong view"
     Config = FixMatchConfig
     unlabelled_views = ("weak", "strong")
+    padding_mode = "reflect"  # FixMatch-pytorch: RandomCrop(32, padding=4, padding_mode="reflect")
     needs_unlabelled = True
     # SGD Nesterov lr 0.03, cosine decay, weight decay 5e-4 not applied to BN and biases.
     optim_defaults = {"name": "sgd", "lr": 0.03, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4,

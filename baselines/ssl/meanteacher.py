@@ -17,13 +17,16 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from osslbench.ema import ema_update, warmup_decay
 from osslbench.method import Batch, Method, MethodConfig, cross_entropy
 from osslbench.models.base import Net
+from osslbench.ood import pooled
 
 
 def sigmoid_rampup(current: float, length: float) -> float:
@@ -61,14 +64,16 @@ def softmax_mse(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
 
 @dataclass
 class MeanTeacherConfig(MethodConfig):
-    """Mean Teacher as the SRD authors ran it (``train_meanteacher.py``, REFERENCE.md), defects fixed.
+    """Mean Teacher as the SRD authors ran it (``train_meanteacher.py``; docs/baselines.md), defects fixed.
 
     :param mu: unlabelled images per labelled image (1: 100 + 100 in the authors' script).
     :param ema_decay: must stay 0: the EMA teacher below is already the evaluated average.
-    :param ema_teacher: decay ``d`` of the EMA teacher (0.999, REFERENCE.md; Tarvainen & Valpola's CIFAR-10
+    :param ema_teacher: decay ``d`` of the EMA teacher (0.999, docs/baselines.md; Tarvainen & Valpola's CIFAR-10
         setting is 0.99 / 0.999; the authors' script hard-codes 0.97, a defect fixed here).
-    :param ema_warmup: use ``min(d, 1 - 1 / (k + 1))`` at step ``k`` (Tarvainen's ``update_ema_variables``,
-        also in the authors' script): the teacher is the plain average of the weights until ``d`` takes over.
+    :param ema_warmup: the project's one EMA warm-up, ``min(d, (1 + k) / (10 + k))`` at update ``k``
+        (:mod:`osslbench.ema`). Tarvainen's ``update_ema_variables`` (and the authors' script) use
+        ``min(d, 1 - 1 / (k + 1))``, a plain average of every weight so far until ``d`` takes over: at 0.999 that
+        keeps the first 1,000 steps' weights in the teacher, most of a short schedule.
     :param consistency: maximum weight of the consistency cost (30, the authors' script).
     :param ramp_epochs: epochs of the sigmoid ramp-up of the consistency weight (30, the authors' script).
     :param ramp_fraction: cap of the ramp as a fraction of training (30 / 240: the 30 epochs on the paper's
@@ -99,9 +104,10 @@ class MeanTeacher(Method):
     Config = MeanTeacherConfig
     unlabelled_views = ("weak", "weak")
     needs_unlabelled = True
-    # The authors' script: SGD Nesterov lr 0.1, momentum 0.9, weight decay 5e-4, cosine decay.
+    # The authors' script: SGD Nesterov lr 0.1, momentum 0.9, weight decay 5e-4, CosineAnnealingLR(T_max=epochs,
+    # eta_min=1e-4) stepped per epoch (train_pseudolabel.py / train_meanteacher.py), not FixMatch's 7/16 cosine.
     optim_defaults = {"name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4,
-                      "schedule": "cosine"}
+                      "schedule": "cosine_annealing", "lr_min": 1e-4}
     cfg: MeanTeacherConfig
 
     def __init__(self, cfg: MeanTeacherConfig, student: Net, teacher: Net | None = None, **kwargs: int) -> None:
@@ -126,22 +132,16 @@ class MeanTeacher(Method):
 
     def teacher_decay(self) -> float:
         """The decay of the coming update: ``ema_teacher``, or less during the warm-up."""
-        d = self.cfg.ema_teacher
-        if self.cfg.ema_warmup:
-            d = min(d, 1.0 - 1.0 / (int(self.ema_steps) + 1))
-        return d
+        return warmup_decay(self.cfg.ema_teacher, int(self.ema_steps), self.cfg.ema_warmup)
 
-    @torch.no_grad()
     def after_step(self) -> None:
         """``teacher = d * teacher + (1 - d) * student`` over the parameters (Tarvainen's code).
 
         The teacher's BatchNorm statistics are its own: it runs in train mode on every batch, as in the paper.
         """
+        ema_update(self.mean_teacher, self.student, self.teacher_decay(), buffers=False)
         self.ema_steps += 1
-        d = self.teacher_decay()
-        for t, s in zip(self.mean_teacher.parameters(), self.student.parameters(), strict=True):
-            t.mul_(d).add_((1.0 - d) * s)
 
-    def predict(self, x: Tensor) -> Tensor:
-        """The EMA teacher's logits (the model Mean Teacher reports)."""
-        return self.mean_teacher(x)
+    def predict(self, x: Tensor, features: bool = False) -> Any:
+        """The EMA teacher's logits (the model Mean Teacher reports); with ``features``, also its pooled features."""
+        return pooled(self.mean_teacher, x) if features else self.mean_teacher(x)

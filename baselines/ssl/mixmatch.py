@@ -33,7 +33,7 @@ from osslbench.models.base import Net
 
 @dataclass
 class MixMatchConfig(MethodConfig):
-    """MixMatch's CIFAR settings (paper, Sec. 4 / official code; REFERENCE.md).
+    """MixMatch's CIFAR settings (paper, Sec. 4 / official code; docs/baselines.md).
 
     :param mu: unlabelled images per labelled image (1: 64 + 64).
     :param ema_decay: EMA of the weights used for evaluation (0.999).
@@ -130,6 +130,7 @@ class MixMatch(Method):
     description = "MixMatch (Berthelot et al. 2019): sharpened K-view label guesses, MixUp of labelled + unlabelled"
     Config = MixMatchConfig
     unlabelled_views = ("weak", "weak")  # K weak views; set per instance from cfg.k
+    padding_mode = "reflect"  # MixMatch-pytorch: pad(x, 4) in "reflect" mode before the random crop
     needs_unlabelled = True
     # Adam lr 0.002, constant; weight decay is applied decoupled after each step (decoupled_wd), not by Adam.
     optim_defaults = {"name": "adam", "lr": 0.002, "weight_decay": 0.0, "schedule": "constant"}

@@ -25,7 +25,7 @@ from osslbench.method import Batch, Method, MethodConfig, cross_entropy
 
 @dataclass
 class PseudoLabelConfig(MethodConfig):
-    """PseudoLabel as the SRD authors ran it (``train_pseudolabel.py``, REFERENCE.md), defects fixed.
+    """PseudoLabel as the SRD authors ran it (``train_pseudolabel.py``; docs/baselines.md), defects fixed.
 
     :param mu: unlabelled images per labelled image (1: 100 + 100 in the authors' script).
     :param threshold: keep a pseudo-label only if its softmax PROBABILITY is >= threshold (0 = plain argmax,
@@ -70,9 +70,10 @@ class PseudoLabel(Method):
     Config = PseudoLabelConfig
     unlabelled_views = ("weak",)
     needs_unlabelled = True
-    # The authors' script: SGD Nesterov lr 0.1, momentum 0.9, weight decay 5e-4, cosine decay.
+    # The authors' script: SGD Nesterov lr 0.1, momentum 0.9, weight decay 5e-4, CosineAnnealingLR(T_max=epochs,
+    # eta_min=1e-4) stepped per epoch (train_pseudolabel.py / train_meanteacher.py), not FixMatch's 7/16 cosine.
     optim_defaults = {"name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4,
-                      "schedule": "cosine"}
+                      "schedule": "cosine_annealing", "lr_min": 1e-4}
     cfg: PseudoLabelConfig
 
     def unlabelled_weight(self, batch: Batch) -> float:

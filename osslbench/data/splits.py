@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError
+from ..fsio import atomic_write
 from ..protocol import Protocol
 
 LabelsFn = Callable[[str], tuple[np.ndarray, tuple[str, ...]]]
@@ -59,9 +60,13 @@ class Splits:
         """Write the index sets (``.npz``) so a run's exact split can be audited and reused."""
         meta = json.dumps({"seen_classes": self.seen_classes, "unseen_classes": self.unseen_classes,
                            "class_names": self.class_names, "sources": self.sources})
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez_compressed(tmp, meta=np.array(meta), **{k: getattr(self, k) for k in self._ARRAYS})
-        tmp.replace(path)
+        arrays = {k: getattr(self, k) for k in self._ARRAYS}
+
+        def write(tmp: Path) -> None:
+            with tmp.open("wb") as fh:
+                np.savez_compressed(fh, meta=np.array(meta), **arrays)
+
+        atomic_write(path, write)
 
     @classmethod
     def load(cls, path: Path) -> Splits:
@@ -109,6 +114,15 @@ def _superclass_members(k: int, spec: str, superclasses_of: SuperclassesFn | Non
     if k > len(names):
         raise ConfigError(f"{where}: split.seen_superclasses = {k} but {spec} has {len(names)} superclasses")
     return [c for c in range(n_classes) if mapping[c] < k]
+
+
+def hashed_subset(idx: np.ndarray, n: int) -> np.ndarray:
+    """At most ``n`` of ``idx`` (0 = all), chosen by a fixed hash of each index (Knuth's multiplicative hash), sorted:
+    the same images for every seed, and a subset of a larger cap's subset."""
+    if n <= 0 or n >= len(idx):
+        return idx
+    h = (idx.astype(np.uint64) * np.uint64(2654435761)) % np.uint64(2**32)
+    return np.sort(idx[np.argsort(h, kind="stable")[:n]])
 
 
 def build_splits(protocol: Protocol, seed: int, labels_of: LabelsFn,
@@ -178,7 +192,7 @@ def build_splits(protocol: Protocol, seed: int, labels_of: LabelsFn,
     return Splits(
         seen_classes=seen, unseen_classes=unseen, class_names=list(names),
         labelled=labelled_idx, unlabelled_seen=np.sort(u_seen), unlabelled_unseen=np.sort(u_unseen),
-        test=test_idx, outlier_test=outlier_idx,
+        test=hashed_subset(test_idx, split.max_test), outlier_test=hashed_subset(outlier_idx, split.max_test),
         sources={"labelled": data.labelled, "unlabelled_seen": data.labelled, "unlabelled_unseen": unseen_source,
                  "test": data.test, "outlier_test": outlier_source},
     )

@@ -11,10 +11,11 @@ import importlib
 import pkgutil
 
 from osslbench.errors import ConfigError
-from osslbench.models.base import DESCRIPTIONS, MODELS, Net, register_model
+from osslbench.models.base import DESCRIPTIONS, MODEL_INFO, MODELS, ModelInfo, Net, register_model
 from osslbench.models.checkpoint import load_state, save_state
 
-__all__ = ["MODELS", "Net", "build_model", "describe_models", "load_state", "register_model", "save_state"]
+__all__ = ["MODELS", "MODEL_INFO", "ModelInfo", "Net", "build_model", "describe_models", "load_state", "register_model",
+           "save_state"]
 
 for _info in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_info.name}")

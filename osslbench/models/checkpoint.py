@@ -8,18 +8,21 @@ Every failure is a :class:`~osslbench.errors.CheckpointError` with a one-line me
 
 from __future__ import annotations
 
-import os
+import argparse
 import pickle
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from osslbench.errors import CheckpointError
+from osslbench.fsio import atomic_write
 
-__all__ = ["load_state", "save_state"]
+__all__ = ["load_state", "safe_load", "save_state"]
 
 _PREFIXES = ("module.", "_orig_mod.")  # DataParallel / DistributedDataParallel, torch.compile
 _SHOW = 3  # how many offending keys an error message lists
@@ -30,25 +33,58 @@ def _one_line(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _numpy_scalars() -> list[Any]:
+    """What a numpy scalar (an accuracy kept as ``np.float64`` by some training scripts) unpickles through: the
+    ``scalar`` constructor (under its numpy 2 and numpy 1 module names), ``dtype`` and the numeric dtype classes.
+    They rebuild a number from bytes and call nothing else."""
+    from numpy._core.multiarray import scalar
+
+    kinds = (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64,
+             np.float16, np.float32, np.float64)
+    return [scalar, (scalar, "numpy.core.multiarray.scalar"), np.dtype, *[type(np.dtype(k)) for k in kinds]]
+
+
+#: What a checkpoint may hold besides tensors and plain containers: RepDistiller's ``*_last.pth`` pickles its
+#: argparse ``opt`` (``train_student.py``: ``state = {"opt": opt, ...}``), and numpy scalars. Nothing else is
+#: ever unpickled: there is no fallback to an unrestricted load.
+SAFE_GLOBALS: list[Any] = [argparse.Namespace, *_numpy_scalars()]
+
+
+def _refused_global(exc: Exception) -> str:
+    """The ``module.name`` a weights-only load refused, from torch's message."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+    return found.group(1) if found else ""
+
+
+def safe_load(path: Path, map_location: Any = "cpu") -> Any:
+    """``torch.load(weights_only=True)`` with :data:`SAFE_GLOBALS` allowed: tensors, numbers, strings,
+    containers and argparse Namespaces load; anything else (a class whose unpickling could run code) is
+    refused with a :class:`CheckpointError` naming the file and the refused global.
+    """
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        refused = _refused_global(e)
+        if refused:
+            raise CheckpointError(f"refused to load {path}: it references {refused!r}, which could run code when "
+                                  "unpickled (only tensors, plain values, numpy scalars and argparse.Namespace are "
+                                  "loaded)") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: not a PyTorch checkpoint ({_one_line(e)})") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror or _one_line(e)}") from None
+    except Exception as e:  # zip / legacy-format decoding errors, truncated files
+        why = type(e).__name__ + (f": {_one_line(e)}" if _one_line(e) else "")
+        raise CheckpointError(f"cannot read checkpoint {path}: not a PyTorch checkpoint ({why})") from None
+
+
 def _read(path: Path) -> Any:
-    """torch.load the file, weights only; pickles holding plain Python objects besides tensors (RepDistiller
-    stores an argparse ``opt`` Namespace, numpy scalars ...) are re-read with ``weights_only=False``."""
+    """The loaded checkpoint object (see :func:`safe_load`)."""
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} not found")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} is not a file")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "Unsupported global" not in str(e):
-            raise CheckpointError(f"cannot read checkpoint {path}: not a PyTorch checkpoint") from None
-    except Exception as e:  # zip / legacy-format decoding errors, truncated files, I/O errors
-        why = type(e).__name__ + (f": {_one_line(e)}" if _one_line(e) else "")
-        raise CheckpointError(f"cannot read checkpoint {path}: not a PyTorch checkpoint ({why})") from None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {_one_line(e)}") from None
+    return safe_load(path)
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -112,6 +148,7 @@ def _check_fit(model: nn.Module, state: dict[str, Tensor], path: Path) -> None:
 def load_state(model: nn.Module, path: str | Path) -> dict[str, Any]:
     """Load the weights of checkpoint ``path`` into ``model`` (strictly) and return the checkpoint's other
     entries (``{}`` for a bare state dict); e.g. ``{"epoch": 240, "opt": Namespace(...), ...}`` for RepDistiller.
+    The file is loaded weights-only (:func:`safe_load`): a checkpoint that would run code is refused.
 
     Raises CheckpointError when the file is missing or unreadable, was saved from another architecture
     (osslbench ``arch`` entry) or does not fit the model (missing / unexpected keys, shape mismatches).
@@ -134,13 +171,11 @@ def load_state(model: nn.Module, path: str | Path) -> dict[str, Any]:
 
 
 def save_state(model: nn.Module, path: str | Path, **meta: Any) -> Path:
-    """Write ``{"model": state_dict, "arch": model.arch, **meta}`` to ``path`` atomically (via ``path.tmp``)."""
+    """Write ``{"model": state_dict, "arch": model.arch, **meta}`` to ``path`` atomically."""
     for reserved in ("model", "arch"):
         if reserved in meta:
             raise ValueError(f"{reserved!r} is written by save_state itself")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"model": model.state_dict(), "arch": getattr(model, "arch", ""), **meta}, tmp)
-    os.replace(tmp, path)
+    state = {"model": model.state_dict(), "arch": getattr(model, "arch", ""), **meta}
+    atomic_write(path, lambda p: torch.save(state, p))
     return path

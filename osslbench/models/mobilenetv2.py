@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from osslbench.models.base import Net, register_model
@@ -55,6 +56,7 @@ class MobileNetV2(Net):
     stage 6, head conv2] — the first five are RepDistiller's f0..f4, the last is the map before pooling."""
 
     classifier_path = "classifier.0"
+    head_maps = 1  # the conv2 head: RepDistiller's feature list ends at f4 (blocks[6])
     # t (expansion), c (channels), n (blocks), s (stride of the first block)
     SETTING = ((1, 16, 1, 1), (None, 24, 2, 1), (None, 32, 3, 2), (None, 64, 4, 2), (None, 96, 3, 1),
                (None, 160, 3, 2), (None, 320, 1, 1))  # fmt: skip
@@ -102,8 +104,24 @@ class MobileNetV2(Net):
         feats.append(self.conv2(out))
         return feats
 
+    def forward_preact(self, x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """The stem and the head before their ReLU; the stages end in a linear bottleneck (no ReLU): their own."""
+        conv, bn, _ = self.conv1
+        p0 = bn(conv(x))
+        out = F.relu(p0)
+        feats, pre = [out], [p0]
+        for i, block in enumerate(self.blocks):
+            out = block(out)
+            if i in (1, 2, 4, 6):
+                feats.append(out)
+                pre.append(out)
+        conv, bn, _ = self.conv2
+        p5 = bn(conv(out))
+        return [*feats, F.relu(p5)], [*pre, p5]
 
-@register_model("MobileNetV2", "MobileNetV2 (Sandler et al. 2018), RepDistiller's CIFAR mobile_half (x0.5), 0.81M params")
+
+@register_model("MobileNetV2", "MobileNetV2 (Sandler et al. 2018), RepDistiller's CIFAR mobile_half (x0.5), 0.81M params",
+                student_defaults={"optim": {"lr": 0.01}})  # RepDistiller train_student.py: lr 0.01 for MobileNetV2
 def mobilenetv2(num_classes: int, in_channels: int = 3) -> MobileNetV2:
     """RepDistiller's ``mobile_half``: expansion 6, width multiplier 0.5."""
     return MobileNetV2(num_classes, in_channels, expansion=6, width_mult=0.5)

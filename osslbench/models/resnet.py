@@ -38,10 +38,14 @@ class BasicBlock(nn.Module):
         self.stride = stride
 
     def forward(self, x: Tensor) -> Tensor:
+        return F.relu(self.forward_pre(x))
+
+    def forward_pre(self, x: Tensor) -> Tensor:
+        """The block's output before its final ReLU (RepDistiller's ``preact``)."""
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         residual = x if self.downsample is None else self.downsample(x)
-        return F.relu(out + residual)
+        return out + residual
 
 
 class ResNet(Net):
@@ -90,6 +94,22 @@ class ResNet(Net):
         f2 = self.layer2(f1)
         f3 = self.layer3(f2)
         return [f0, f1, f2, f3]
+
+    @staticmethod
+    def _stage_pre(layer: nn.Sequential, x: Tensor) -> tuple[Tensor, Tensor]:
+        for block in layer[:-1]:
+            x = block(x)
+        pre = layer[-1].forward_pre(x)
+        return F.relu(pre), pre
+
+    def forward_preact(self, x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """Each map before its final ReLU (RepDistiller's ``preact=True``; it keeps the stem's post-ReLU map)."""
+        p0 = self.bn1(self.conv1(x))
+        f0 = F.relu(p0)
+        f1, p1 = self._stage_pre(self.layer1, f0)
+        f2, p2 = self._stage_pre(self.layer2, f1)
+        f3, p3 = self._stage_pre(self.layer3, f2)
+        return [f0, f1, f2, f3], [p0, p1, p2, p3]
 
 
 _THIN = (16, 16, 32, 64)

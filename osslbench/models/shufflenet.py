@@ -61,12 +61,16 @@ class Bottleneck(nn.Module):
         self.shortcut = nn.Sequential(nn.AvgPool2d(3, stride=2, padding=1)) if stride == 2 else nn.Sequential()
 
     def forward(self, x: Tensor) -> Tensor:
+        return F.relu(self.forward_pre(x))
+
+    def forward_pre(self, x: Tensor) -> Tensor:
+        """The unit's output before its final ReLU (RepDistiller's ``preact``)."""
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.shuffle1(out)
         out = F.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
         res = self.shortcut(x)
-        return F.relu(torch.cat([out, res], 1) if self.stride == 2 else out + res)
+        return torch.cat([out, res], 1) if self.stride == 2 else out + res
 
 
 class ShuffleNetV1(Net):
@@ -110,8 +114,24 @@ class ShuffleNetV1(Net):
         f3 = self.layer3(f2)
         return [f0, f1, f2, f3]
 
+    def forward_preact(self, x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """Each map before its final ReLU (the last unit's ``forward_pre`` per stage)."""
+        p0 = self.bn1(self.conv1(x))
+        feats, pre = [F.relu(p0)], [p0]
+        for layer in (self.layer1, self.layer2, self.layer3):
+            out = feats[-1]
+            for unit in layer[:-1]:
+                out = unit(out)
+            p = layer[-1].forward_pre(out)
+            feats.append(F.relu(p))
+            pre.append(p)
+        return feats, pre
 
-@register_model("ShuffleV1", "ShuffleNetV1 (Zhang et al. 2018), RepDistiller's CIFAR variant, g=3, 0.95M params")
+
+# RepDistiller train_student.py: `if opt.model_s in ['MobileNetV2', 'ShuffleV1', 'ShuffleV2']: learning_rate = 0.01`;
+# SRD authors' helper/loops.py (train_ssldistill): `if opt.model_s == 'ShuffleV1': loss_kd = feat * 10 + logit`.
+@register_model("ShuffleV1", "ShuffleNetV1 (Zhang et al. 2018), RepDistiller's CIFAR variant, g=3, 0.95M params",
+                student_defaults={"optim": {"lr": 0.01}, "method": {"srd": {"w_feat": 10.0}}})
 def shufflev1(num_classes: int, in_channels: int = 3) -> ShuffleNetV1:
     """RepDistiller's ``ShuffleV1``: widths 240, 480, 960, units 4, 8, 4, 3 groups."""
     return ShuffleNetV1([240, 480, 960], [4, 8, 4], 3, num_classes, in_channels)
@@ -148,11 +168,16 @@ class BasicBlock(nn.Module):
         self.shuffle = ShuffleBlock(groups=2)
 
     def forward(self, x: Tensor) -> Tensor:
+        return self.forward_pre(x)[0]
+
+    def forward_pre(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(output, pre-activation)``: the latter with the branch taken before its last ReLU (RepDistiller's
+        ``preact``: the concatenation and shuffle of the untouched half and ``bn3(conv3(...))``)."""
         x1, x2 = self.split(x)
         out = F.relu(self.bn1(self.conv1(x2)))
         out = self.bn2(self.conv2(out))
-        out = F.relu(self.bn3(self.conv3(out)))
-        return self.shuffle(torch.cat([x1, out], 1))
+        pre = self.bn3(self.conv3(out))
+        return self.shuffle(torch.cat([x1, F.relu(pre)], 1)), self.shuffle(torch.cat([x1, pre], 1))
 
 
 class DownBlock(nn.Module):
@@ -188,6 +213,7 @@ class ShuffleNetV2(Net):
     relu(bn2(conv2(layer3)))]."""
 
     classifier_path = "linear"
+    head_maps = 1  # relu(bn2(conv2(layer3))): RepDistiller's feature list ends at layer3
 
     def __init__(self, out_channels: Sequence[int], num_blocks: Sequence[int], num_classes: int, in_channels: int = 3) -> None:
         super().__init__()
@@ -217,8 +243,23 @@ class ShuffleNetV2(Net):
         f4 = F.relu(self.bn2(self.conv2(f3)))
         return [f0, f1, f2, f3, f4]
 
+    def forward_preact(self, x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """Each map before its last ReLU (a stage: its last unit's ``forward_pre``; the head: ``bn2(conv2(.))``)."""
+        p0 = self.bn1(self.conv1(x))
+        feats, pre = [F.relu(p0)], [p0]
+        for layer in (self.layer1, self.layer2, self.layer3):
+            out = feats[-1]
+            for unit in layer[:-1]:
+                out = unit(out)
+            out, p = layer[-1].forward_pre(out)
+            feats.append(out)
+            pre.append(p)
+        p4 = self.bn2(self.conv2(feats[-1]))
+        return [*feats, F.relu(p4)], [*pre, p4]
 
-@register_model("ShuffleV2", "ShuffleNetV2 1x (Ma et al. 2018), RepDistiller's CIFAR variant, 1.36M params")
+
+@register_model("ShuffleV2", "ShuffleNetV2 1x (Ma et al. 2018), RepDistiller's CIFAR variant, 1.36M params",
+                student_defaults={"optim": {"lr": 0.01}})  # RepDistiller train_student.py (SRD's x10 is ShuffleV1 only)
 def shufflev2(num_classes: int, in_channels: int = 3) -> ShuffleNetV2:
     """RepDistiller's ``ShuffleV2`` (net size 1): widths 116, 232, 464, head 1024, units 3, 7, 3."""
     return ShuffleNetV2([116, 232, 464, 1024], [3, 7, 3], num_classes, in_channels)

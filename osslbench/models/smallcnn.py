@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from osslbench.models.base import Net, register_model
@@ -62,6 +63,19 @@ class SmallCNN(Net):
             x = stage(x)
             feats.append(x)
         return feats
+
+    def forward_preact(self, x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """Each stage's output before its last ReLU (the BatchNorm output)."""
+        feats, pre = [], []
+        for stage in self.stages:
+            for block in stage[:-1]:
+                x = block(x)
+            conv, bn, _ = stage[-1]
+            p = bn(conv(x))
+            x = F.relu(p)
+            feats.append(x)
+            pre.append(p)
+        return feats, pre
 
 
 @register_model("cnn-small", "small CNN student for tiny inputs (e.g. 8x8 digits): 16 | 32 (stride 2), ~5K params")

@@ -37,7 +37,13 @@ class BasicBlock(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        pre = self.relu1(self.bn1(x))
+        return self._body(x, self.relu1(self.bn1(x)))
+
+    def forward_bn(self, x: Tensor, bn: Tensor) -> Tensor:
+        """The block given ``bn = self.bn1(x)``, computed by a caller that keeps it (a pre-activation feature)."""
+        return self._body(x, F.relu(bn))
+
+    def _body(self, x: Tensor, pre: Tensor) -> Tensor:
         if self.convShortcut is None:
             shortcut = x
         else:  # projection shortcut on the pre-activated input (as in the original WRN code)
@@ -98,6 +104,26 @@ class WideResNet(Net):
         f2 = self.block2(f1)
         f3 = self.relu(self.bn1(self.block3(f2)))
         return [f0, f1, f2, f3]
+
+    @staticmethod
+    def _stage_from_bn(block: NetworkBlock, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(block(x), bn)`` where ``bn`` is the first unit's ``bn1(x)``, the pre-activation of ``x``."""
+        first, *rest = block.layer
+        bn = first.bn1(x)
+        out = first.forward_bn(x, bn)
+        for layer in rest:
+            out = layer(out)
+        return out, bn
+
+    def forward_preact(self, x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """Pre-activations as RepDistiller's ``preact=True``: ``block2.layer[0].bn1(f1)``,
+        ``block3.layer[0].bn1(f2)``, ``bn1(block3 output)``; the stem's output is its own."""
+        f0 = self.conv1(x)
+        f1 = self.block1(f0)
+        f2, p1 = self._stage_from_bn(self.block2, f1)
+        out, p2 = self._stage_from_bn(self.block3, f2)
+        p3 = self.bn1(out)
+        return [f0, f1, f2, F.relu(p3)], [f0, p1, p2, p3]
 
 
 @register_model("wrn-40-2", "WRN-40-2 (Zagoruyko & Komodakis 2016), CIFAR-style, 2.2M params")

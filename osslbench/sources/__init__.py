@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 
-from osslbench.data.images import ImageSet
 from osslbench.errors import ConfigError, DataMissingError
 from osslbench.sources import cache
 from osslbench.sources.base import Source
+from osslbench.sources.images import ImageSet
 
 __all__ = [
     "Source",

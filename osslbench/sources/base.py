@@ -1,7 +1,7 @@
 """The interface every data source implements.
 
 A *source* turns files in the official distribution format of a data set (or data bundled with a library)
-into :class:`~osslbench.data.images.ImageSet` splits. Sources are discovered automatically by
+into :class:`~osslbench.sources.images.ImageSet` splits. Sources are discovered automatically by
 :mod:`osslbench.sources`: any module of that package may define subclasses of :class:`Source` that set
 ``name``; no registration call is needed.
 """
@@ -11,8 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar
 
-from osslbench.data.images import ImageSet
 from osslbench.errors import ConfigError
+from osslbench.sources.images import ImageSet
 
 
 class Source:

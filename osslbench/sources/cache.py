@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from osslbench.data.images import ImageSet
+from osslbench.sources.images import ImageSet
 
 CACHE_ENV = "OSSLBENCH_CACHE"
 _OFF = {"off", "0", "none", "false", "no"}

@@ -34,9 +34,9 @@ import torch
 from torchvision.datasets import CIFAR10, CIFAR100
 from torchvision.datasets.utils import calculate_md5, check_integrity, download_and_extract_archive
 
-from osslbench.data.images import ImageSet
 from osslbench.errors import DataCorruptError, DataMissingError
 from osslbench.sources.base import Source
+from osslbench.sources.images import ImageSet
 
 
 def _torchvision_md5s(tv_class: type[CIFAR10]) -> dict[str, str]:

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from osslbench.data.images import ImageSet
 from osslbench.sources.base import Source
+from osslbench.sources.images import ImageSet
 
 #: Number of images in each split of the deterministic stratified split (tested).
 DIGITS_SPLIT_SIZES: dict[str, int] = {"train": 1257, "test": 540}

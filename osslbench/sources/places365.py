@@ -30,9 +30,9 @@ from pathlib import Path
 
 import torch
 
-from osslbench.data.images import ImageSet
 from osslbench.errors import DataCorruptError, DataMissingError
 from osslbench.sources.base import Source
+from osslbench.sources.images import ImageSet
 from osslbench.sources.tinyimagenet import decode_jpegs
 
 PLACES365_URL = "http://data.csail.mit.edu/places/places365/"

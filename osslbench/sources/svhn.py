@@ -27,10 +27,10 @@ import torch
 from torchvision.datasets import SVHN
 from torchvision.datasets.utils import calculate_md5
 
-from osslbench.data.images import ImageSet
 from osslbench.errors import DataCorruptError, DataMissingError
 from osslbench.sources.base import Source
 from osslbench.sources.cifar import _file_matches
+from osslbench.sources.images import ImageSet
 
 FOLDER = "svhn"
 

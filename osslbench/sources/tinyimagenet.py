@@ -33,9 +33,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from osslbench.data.images import ImageSet
 from osslbench.errors import DataCorruptError, DataMissingError
 from osslbench.sources.base import Source
+from osslbench.sources.images import ImageSet
 
 TINYIMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 TINYIMAGENET_ZIP_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"

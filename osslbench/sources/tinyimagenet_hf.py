@@ -33,9 +33,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from osslbench.data.images import ImageSet
 from osslbench.errors import DataCorruptError, DataMissingError, OsslbenchError
 from osslbench.sources.base import Source
+from osslbench.sources.images import ImageSet
 from osslbench.sources.tinyimagenet import decode_jpegs
 
 HUB_ID = "zh-plus/tiny-imagenet"

@@ -1,0 +1,282 @@
+"""The shared step of RepDistiller's feature distillers (FitNet, AT, SP, CC, VID, RKD, PKT, AB, FT, FSP, NST) in
+the open set, as the SRD authors run them (``jingyang2017/SRD_ossl``, ``helper/loops.py``, ``train_ssldistill``):
+
+    L = gamma * CE(z_s, y) [labelled]  +  alpha * KL_T(z_s || z_t) [all]  +  beta * L_distiller(feat_s, feat_t) [all]
+
+with the labelled and the unlabelled images of a batch (64 + 64) in ONE student pass and one no-grad pass of the
+frozen, eval-mode teacher. A baseline file only says which layers it reads and writes its paper's loss.
+
+Layers are chosen as in RepDistiller (``train_student.py``, ``helper/loops.py``): by Python index into its
+``is_feat`` list, i.e. the network's stage maps, shallow to deep, followed by the pooled final vector (``feat[-1]``;
+``feat[-2]`` is the last map, ``feat[1:-1]`` the stage outputs). Here that list is built from ``Net``'s feature
+maps (minus a head convolution's map that RepDistiller leaves out, ``Net.head_maps``) plus ``Net.pool`` of the
+final map. The chosen layers of student and teacher are paired in order, cut to the shorter list (RepDistiller's
+``zip``); a choice that selects nothing, the pooled vector where a map is needed, or shapes a loss cannot pair is
+a :class:`ConfigError` naming the key, raised by :meth:`FeatureDistiller.check` in the preflight (and again when
+the method is built).
+
+Two-stage methods (AB, FT, FSP) run RepDistiller's initialisation stage (``helper/pretrain.py``, ``init``) before
+the protocol's epochs through ``Method.init_epochs``: see :class:`InitStageConfig`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from .errors import ConfigError
+from .method import Batch, Method, MethodConfig, cross_entropy, kl_div_t
+from .models.base import Net
+from .protocol import OptimConfig
+
+Shape = tuple[int, ...]
+
+
+@dataclass
+class FeatureDistillConfig(MethodConfig):
+    """Loss weights of RepDistiller's ``train_student.py`` (``-r``, ``-a``, ``-b``), as the SRD authors pass them
+    for every feature distiller (``runs/run_kd_ssl.sh``: ``-a 0 -b <beta>``, ``-r`` left at its default 1).
+
+    :param gamma: cross-entropy weight on the labelled images (1, ``-r``'s default).
+    :param alpha: weight of Hinton's KL term on all images (0, ``-a 0``).
+    :param beta: weight of the distiller's own term on all images (each method's ``-b``).
+    :param temperature: temperature of the KL term (4, ``--kd_T``).
+    """
+
+    gamma: float = 1.0
+    alpha: float = 0.0
+    beta: float = 0.0
+    temperature: float = 4.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if min(self.gamma, self.alpha, self.beta) < 0 or self.temperature <= 0:
+            raise ValueError("gamma, alpha and beta must be >= 0 and temperature > 0")
+
+
+@dataclass
+class InitStageConfig(FeatureDistillConfig):
+    """RepDistiller's initialisation stage (``helper/pretrain.py``, ``init``), run before the distillation stage.
+
+    The authors train only the stage's modules (AB: connectors + the student's feature layers; FT: the teacher's
+    paraphraser; FSP: the student's feature layers) on the init loss alone, unweighted, for ``--init_epochs 30``
+    epochs of the labelled loader, with a fresh SGD (momentum 0.9, wd 5e-4) at a constant lr, then start the 240
+    epochs of distillation with a new optimiser. Here: the first ``ceil(init_epochs * epochs)`` epochs of the run
+    (30 on top of the protocol's 240), labelled images only, the main stage's optimiser state (momentum) restarted
+    when it begins (the Trainer does it for every method with an init stage); parameters the init loss does not
+    reach get no gradient, hence no update and no weight decay, as in the authors' separate optimiser.
+
+    :param init_epochs: length of the init stage as a fraction of the protocol's epochs, rounded up (0.125: 30
+        of 240, ``train_student.py``'s ``--init_epochs 30`` with ``--epochs 240``); 0 = no init stage.
+    :param init_lr: the stage's constant learning rate; 0 = the optimiser's ``lr`` (``pretrain.py``:
+        ``opt.learning_rate``, 0.05, or 0.01 for MobileNet / ShuffleNet students).
+    """
+
+    init_epochs: float = 0.125
+    init_lr: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.init_epochs < 0 or self.init_lr < 0:
+            raise ValueError("init_epochs and init_lr must be >= 0")
+
+
+def parse_layers(spec: str, key: str) -> slice | list[int]:
+    """A layer choice: a Python slice ``"1:-1"`` or indices ``"-2"`` / ``"1,2,3"`` into RepDistiller's list."""
+    text = spec.replace(" ", "")
+    try:
+        if ":" in text:
+            parts = text.split(":")
+            if len(parts) != 2:
+                raise ValueError
+            start, stop = (int(p) if p else None for p in parts)
+            return slice(start, stop)
+        return [int(p) for p in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"{key} = {spec!r}: expected indices like '-2' or '1,2' or a slice like '1:-1' into "
+                          "RepDistiller's feature list") from None
+
+
+def pick(spec: str, n: int, key: str, net: str) -> list[int]:
+    """Positions (0..n-1) that ``spec`` selects in a list of ``n`` entries; an index out of range is an error."""
+    sel = parse_layers(spec, key)
+    if isinstance(sel, slice):
+        return list(range(n))[sel]
+    for i in sel:
+        if not -n <= i < n:
+            raise ConfigError(f"{key} = {spec!r}: index {i} is out of range for the {net}, whose feature list "
+                              f"has {n} entries ({n - 1} maps + the pooled vector)")
+    return [i % n for i in sel]
+
+
+def first_conv(net: nn.Module) -> nn.Conv2d:
+    return next(m for m in net.modules() if isinstance(m, nn.Conv2d))
+
+
+def probe(net: Net, image_size: int, preact: bool = False) -> list[Shape]:
+    """Shapes (without batch) of RepDistiller's feature list of ``net`` on ``image_size`` inputs: maps ``(C, H, W)``
+    then the pooled vector ``(C,)``. Two zero images in eval mode: no BatchNorm statistic and no random draw."""
+    was = net.training
+    net.eval()
+    with torch.no_grad():
+        x = torch.zeros(2, first_conv(net).in_channels, image_size, image_size,
+                        device=next(net.parameters()).device)
+        feats = repdistiller_feats(net, x, preact)[1]
+    net.train(was)
+    return [tuple(f.shape[1:]) for f in feats]
+
+
+def repdistiller_feats(net: Net, x: Tensor, preact: bool = False) -> tuple[Tensor, list[Tensor]]:
+    """``(logits, feats)`` with ``feats`` RepDistiller's ``is_feat`` list: the stage maps (pre-activations with
+    ``preact``, RepDistiller's ``preact=True``) then the pooled final vector; one forward pass."""
+    if preact:
+        post, maps = net.forward_preact(x)
+    else:
+        post = maps = net.forward_features(x)
+    pooled = net.pool(post[-1])
+    return net.classifier(pooled), [*maps[:len(maps) - net.head_maps], pooled]
+
+
+class FeatureDistiller(Method):
+    """Base of the feature distillers: one student pass over labelled + unlabelled images, CE on the labelled,
+    the optional KD term and ``beta * distill(feat_s, feat_t)`` on all of them.
+
+    A subclass sets ``Config``, optionally ``preact``, and defines :meth:`distill` (its paper's loss on
+    RepDistiller's feature lists), :meth:`check_shapes` (its layer choice against the two networks' shapes),
+    :meth:`build` (its trainable modules) and, with an init stage, :meth:`init_loss`.
+
+    :cvar preact: the distiller reads pre-activation maps (RepDistiller's ``preact=True``: AB only).
+    """
+
+    needs_teacher = True
+    unlabelled_views = ("flip",)  # SRD paper: unlabelled images are resized to 32 and flipped, not cropped
+    preact: ClassVar[bool] = False
+    cfg: FeatureDistillConfig
+
+    def __init__(self, cfg: FeatureDistillConfig, student: Net, teacher: Net | None = None, **kwargs: int) -> None:
+        super().__init__(cfg, student, teacher, **kwargs)
+        s_shapes = probe(student, self.image_size, self.preact)
+        t_shapes = probe(self.teacher, self.image_size, self.preact)
+        self.check_shapes(cfg, s_shapes, t_shapes)
+        self.build(s_shapes, t_shapes)
+
+    # --- what a distiller defines ------------------------------------------------------------
+    @classmethod
+    def check_shapes(cls, cfg: FeatureDistillConfig, s_shapes: list[Shape], t_shapes: list[Shape]) -> None:
+        """Raise ``ConfigError`` (naming the key) when the layer choice does not fit these feature lists."""
+
+    def build(self, s_shapes: list[Shape], t_shapes: list[Shape]) -> None:
+        """Create the distiller's trainable modules (regressor, embeddings, connectors) for these shapes."""
+
+    def distill(self, feat_s: list[Tensor], feat_t: list[Tensor]) -> Tensor:
+        """The distiller's term (unweighted) on RepDistiller's feature lists of the whole batch."""
+        raise NotImplementedError
+
+    def init_loss(self, x: Tensor) -> Tensor:
+        """The init stage's loss on the labelled images ``x`` (two-stage methods only)."""
+        raise NotImplementedError
+
+    # --- the shared machinery ----------------------------------------------------------------
+    @classmethod
+    def check(cls, cfg: MethodConfig, student: Net, teacher: Net | None, image_size: int = 32) -> None:
+        assert teacher is not None and isinstance(cfg, FeatureDistillConfig)
+        cls.check_shapes(cfg, probe(student, image_size, cls.preact), probe(teacher, image_size, cls.preact))
+
+    @classmethod
+    def key(cls, field: str) -> str:
+        return f"method.{cls.name}.{field}"
+
+    @classmethod
+    def pairs(cls, field: str, spec: str, s_shapes: list[Shape], t_shapes: list[Shape],
+              maps: bool = True) -> list[tuple[int, int]]:
+        """The (student, teacher) positions the choice ``spec`` of config key ``field`` pairs, in order and cut to
+        the shorter list (RepDistiller's ``zip``); with ``maps``, the pooled vector may not be chosen."""
+        key = cls.key(field)
+        sel_s = pick(spec, len(s_shapes), key, "student")
+        sel_t = pick(spec, len(t_shapes), key, "teacher")
+        for net, sel, shapes in (("student", sel_s, s_shapes), ("teacher", sel_t, t_shapes)):
+            if maps and len(shapes) - 1 in sel:
+                raise ConfigError(f"{key} = {spec!r} selects the {net}'s pooled vector (entry {len(shapes) - 1} of "
+                                  f"its feature list), where {cls.name} needs feature maps (entries 0..{len(shapes) - 2})")
+        out = list(zip(sel_s, sel_t, strict=False))
+        if not out:
+            raise ConfigError(f"{key} = {spec!r} selects no layer of the {'student' if not sel_s else 'teacher'} "
+                              f"(feature lists of {len(s_shapes)} and {len(t_shapes)} entries, the pooled vector last)")
+        return out
+
+    def init_epochs(self, epochs: int) -> int:
+        frac = getattr(self.cfg, "init_epochs", 0.0)
+        return math.ceil(frac * epochs - 1e-9) if frac > 0 else 0
+
+    def lr_schedule(self, optim: OptimConfig, epochs: int, steps_per_epoch: int) -> Callable[[int], float]:
+        main = super().lr_schedule(optim, epochs, steps_per_epoch)
+        init_lr = getattr(self.cfg, "init_lr", 0.0)
+        init_steps = self.init_epochs(epochs) * steps_per_epoch
+        if not init_lr or not init_steps:
+            return main
+        return lambda step: init_lr / optim.lr if step < init_steps else main(step)
+
+    def features(self, net: Net, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """``(logits, RepDistiller's feature list)`` of ``net`` on ``x`` (pre-activations when ``preact``)."""
+        return repdistiller_feats(net, x, self.preact)
+
+    def losses(self, batch: Batch) -> dict[str, Tensor]:
+        if batch.in_init:
+            return {f"{self.name}_init": self.init_loss(batch.x_lb)}
+        cfg = self.cfg
+        n = batch.x_lb.shape[0]
+        x = torch.cat([batch.x_lb, *batch.x_ulb[:1]])  # one pass: BatchNorm sees labelled and unlabelled
+        logits, feat_s = self.features(self.student, x)
+        out = {"ce": cfg.gamma * cross_entropy(logits[:n], batch.y_lb)}
+        if cfg.alpha or cfg.beta:
+            with torch.no_grad():
+                t_logits, feat_t = self.features(self.teacher, x)
+            if cfg.alpha:
+                out["kd"] = cfg.alpha * kl_div_t(logits, t_logits, cfg.temperature)
+            if cfg.beta:
+                out[self.name] = cfg.beta * self.distill(feat_s, feat_t)
+        return out
+
+
+# --- pieces several distillers share ---------------------------------------------------------------
+def match_spatial(f_s: Tensor, f_t: Tensor) -> tuple[Tensor, Tensor]:
+    """Average-pool the larger of two maps to the other's size (RepDistiller's AT, VID, FT, NST)."""
+    if f_s.shape[2:] == f_t.shape[2:]:
+        return f_s, f_t
+    if f_s.shape[2] > f_t.shape[2]:
+        return nn.functional.adaptive_avg_pool2d(f_s, f_t.shape[2:]), f_t
+    return f_s, nn.functional.adaptive_avg_pool2d(f_t, f_s.shape[2:])
+
+
+def regressor_fits(s: Shape, t: Shape) -> bool:
+    """RepDistiller's ``ConvReg`` maps a student map of side ``s_H`` to the teacher's ``t_H`` when ``s_H = 2 t_H``
+    (stride-2 conv), ``2 s_H = t_H`` (transposed conv) or ``s_H >= t_H`` (valid conv); square maps."""
+    return s[1] == 2 * t[1] or 2 * s[1] == t[1] or s[1] >= t[1]
+
+
+class ConvRegressor(nn.Module):
+    """RepDistiller's ``ConvReg`` (``models/util.py``): a convolution from the student's map shape ``(C, H, W)``
+    to the teacher's, then BatchNorm and (FitNet's hint regressor) ReLU; AB's connector has no ReLU."""
+
+    def __init__(self, s: Shape, t: Shape, relu: bool = True) -> None:
+        super().__init__()
+        (s_c, s_h, s_w), (t_c, t_h, t_w) = s, t
+        if s_h == 2 * t_h:
+            self.conv: nn.Module = nn.Conv2d(s_c, t_c, kernel_size=3, stride=2, padding=1)
+        elif s_h * 2 == t_h:
+            self.conv = nn.ConvTranspose2d(s_c, t_c, kernel_size=4, stride=2, padding=1)
+        elif s_h >= t_h:
+            self.conv = nn.Conv2d(s_c, t_c, kernel_size=(1 + s_h - t_h, 1 + s_w - t_w))
+        else:
+            raise ValueError(f"no regressor from a {s_h}x{s_w} map to a {t_h}x{t_w} map")
+        self.bn = nn.BatchNorm2d(t_c)
+        self.relu = relu
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.bn(self.conv(x))
+        return nn.functional.relu(out) if self.relu else out
