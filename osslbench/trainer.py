@@ -226,10 +226,12 @@ class Trainer:
         return int(state["epoch"])
 
     def run_facts(self) -> dict:
-        """How the run was computed, for its ``result.json``: steps, precision, memory format, threads, hardware."""
+        """How the run was computed, for its ``result.json``: steps, precision, memory format, threads, hardware and
+        the kernel choices (the teacher-output cache: used or why not, size, build time)."""
         return {"steps": self.epochs * self.iters, "precision": self.precision,
                 "memory_format": "channels_last" if self.memory_format == torch.channels_last else "contiguous",
-                "device": str(self.device), "threads": torch.get_num_threads(), "hardware": describe(self.device)}
+                "device": str(self.device), "threads": torch.get_num_threads(), "hardware": describe(self.device),
+                "kernels": self.kernels}
 
     def diverged(self, terms: dict[str, Tensor], epoch: int, step: int) -> None:
         """Stop on a non-finite loss with one line naming the epoch, the step and the term; nothing of this
