@@ -23,11 +23,11 @@ from torch import Tensor
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from torchvision import transforms
 
-from .data.images import ImageSet
 from .data.splits import Splits
 from .method import Batch, Method
 from .protocol import Protocol
 from .sources import load_split, parse_spec
+from .sources.images import ImageSet
 
 
 class ArrayImages(Dataset):

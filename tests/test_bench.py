@@ -1,0 +1,53 @@
+"""``osslbench bench``: both pipelines run the same work and the report has every field."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from osslbench.bench import SHARES, BenchOptions, format_report, run_bench
+from osslbench.cli import main
+from osslbench.config import parse_overrides
+from osslbench.protocol import load_protocol
+
+PIPELINE_FIELDS = {"images", "steps", "seconds", "img_per_s", "step_s", "shares", "precision", "gflop_per_step",
+                   "gflop_per_image", "gflop_per_s", "memory_format"}
+
+
+@pytest.mark.parametrize("method", ["srd", "kd", "fixmatch"])
+def test_both_pipelines_run_the_same_images_and_report_every_field(tmp_path, method):
+    protocol = load_protocol("digits-openset", None, parse_overrides(["data.flip=true"]))
+    r = run_bench(protocol, method, BenchOptions(data_root=tmp_path, steps=3, warmup=1, workers=0))
+    ours, ref = r["osslbench"], r["reference"]
+    n_ulb = round(protocol.method.get(method, {}).get("mu", 1.0) * protocol.train.batch_size)
+    assert ours["images"] == ref["images"] == 3 * (protocol.train.batch_size + n_ulb)
+    assert ours["steps"] == ref["steps"] == 3
+    for p in (ours, ref):
+        assert set(p) >= PIPELINE_FIELDS and set(p["shares"]) == set(SHARES)
+        assert sum(p["shares"].values()) == pytest.approx(1.0, abs=1e-3)
+        assert all(v >= -1e-3 for v in p["shares"].values())
+        assert p["gflop_per_step"] > 0 and p["img_per_s"] > 0
+        assert p["img_per_s"] == pytest.approx(p["images"] / p["seconds"], rel=1e-2)
+    assert ref["precision"] == "fp32" and ref["memory_format"] == "contiguous" and ref["workers"] == 0
+    assert r["ratio"] == pytest.approx(ours["img_per_s"] / ref["img_per_s"], rel=1e-2)
+    assert ours["teacher_cache"]["used"] is (method != "fixmatch")
+    if method != "fixmatch":  # the cache removes the unlabelled half of the teacher's forward pass
+        assert ours["gflop_per_step"] < ref["gflop_per_step"]
+        assert r["osslbench"]["shares"]["teacher"] > 0 and r["reference"]["shares"]["teacher"] > 0
+    assert {"device_model", "threads", "epoch_s", "epoch_iters", "torch"} <= set(r)
+    assert "ratio osslbench / reference" in format_report(r)
+
+
+def test_cli_bench_json(tmp_path, capsys):
+    code = main(["bench", "--protocol", "digits-openset", "--method", "kd", "--steps", "2", "--warmup", "0",
+                 "--workers", "0", "--data-root", str(tmp_path), "--json"])
+    assert code == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["method"] == "kd" and r["osslbench"]["images"] == r["reference"]["images"]
+
+
+def test_cli_bench_unknown_method_is_one_line(tmp_path, capsys):
+    assert main(["bench", "--method", "nope", "--data-root", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("osslbench: error:") and "nope" in err and len(err.strip().splitlines()) == 1
