@@ -21,12 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from osslbench.method import Batch, Method, MethodConfig, cross_entropy, kl_div_t
+from osslbench.distill import DistillConfig, Distiller
+from osslbench.method import Batch, cross_entropy, kl_div_t
 from osslbench.models.base import Net
 
 
 @dataclass
-class SRDConfig(MethodConfig):
+class SRDConfig(DistillConfig):
     """The authors' SRD settings (docs/srd.md, "The loss").
 
     :param gamma: cross-entropy weight on labelled images (1).
@@ -38,17 +39,9 @@ class SRDConfig(MethodConfig):
     :param temperature: temperature of the ``kl`` logit option and of the alpha KD term (4).
     """
 
-    gamma: float = 1.0
-    alpha: float = 0.0
     beta: float = 1.0
     w_feat: float = 1.0
     logit_loss: Literal["mse", "kl"] = "mse"
-    temperature: float = 4.0
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.temperature <= 0:  # the KL divides the logits by T
-            raise ValueError(f"temperature = {self.temperature} must be > 0")
 
 
 def connector(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -74,12 +67,10 @@ def srd_terms(f_s: Tensor, f_t: Tensor, student: Net, teacher: Net, g: nn.Module
     return feat, logit
 
 
-class SRD(Method):
+class SRD(Distiller):
     name = "srd"
     description = "Semantic Representational Distillation (Yang et al., IJCV 2024): teacher classifier judges the student"
     Config = SRDConfig
-    needs_teacher = True
-    unlabelled_views = ("flip",)  # SRD paper: unlabelled images are resized to 32 and flipped, not cropped
     cfg: SRDConfig
 
     def __init__(self, cfg: SRDConfig, student: Net, teacher: Net | None = None, **kwargs: int) -> None:
@@ -89,13 +80,12 @@ class SRD(Method):
     def losses(self, batch: Batch) -> dict[str, Tensor]:
         cfg = self.cfg
         logits_lb, logits_ulb, feats = self.forward_student(batch, features=True)
-        with torch.no_grad():
-            t_logits, t_feats = self.teacher(torch.cat([batch.x_lb, *batch.x_ulb[:1]]), features=True)
+        t_logits, t_feats = self.teacher_forward(batch, features=True)
         feat, logit = srd_terms(feats[-1], t_feats[-1], self.student, self.teacher, self.connector,
                                 cfg.logit_loss, cfg.temperature)
         out = {"ce": cfg.gamma * cross_entropy(logits_lb, batch.y_lb),
                "srd_feat": cfg.beta * cfg.w_feat * feat,
                "srd_logit": cfg.beta * logit}
         if cfg.alpha:
-            out["kd"] = cfg.alpha * kl_div_t(torch.cat([logits_lb, logits_ulb]), t_logits, cfg.temperature)
+            out["kd"] = self.kd(torch.cat([logits_lb, logits_ulb]), t_logits)
         return out
