@@ -198,7 +198,7 @@ class FeatureDistiller(Distiller):
 
     :cvar preact: the distiller reads pre-activation maps (RepDistiller's ``preact=True``: AB only).
     :cvar layers_key: the config field holding the layer choice (e.g. ``"layers"``): the default
-        :meth:`check_shapes` checks it and the default :meth:`build` sets ``self.layer_pairs`` from it; ``""`` = the
+        :meth:`check_shapes` checks it and ``self.layer_pairs`` holds its pairs before :meth:`build`; ``""`` = the
         distiller reads the pooled vector only (CC, RKD, PKT).
     :cvar regressed: each chosen student map is mapped onto its teacher map by a :class:`ConvRegressor` (FitNet's
         hint regressor, AB's connectors): the default :meth:`check_shapes` also checks that one fits.
@@ -215,6 +215,7 @@ class FeatureDistiller(Distiller):
         s_shapes = probe(student, self.image_size, self.preact)
         t_shapes = probe(self.teacher, self.image_size, self.preact)
         self.check_shapes(cfg, s_shapes, t_shapes)
+        self.layer_pairs = self.chosen_pairs(cfg, s_shapes, t_shapes) if self.layers_key else []
         self.build(s_shapes, t_shapes)
 
     # --- what a distiller defines ------------------------------------------------------------
@@ -231,10 +232,8 @@ class FeatureDistiller(Distiller):
                                   "double or half size, or larger)")
 
     def build(self, s_shapes: list[Shape], t_shapes: list[Shape]) -> None:
-        """Create the distiller's trainable modules (regressor, embeddings, connectors) for these shapes (by
-        default: only ``self.layer_pairs``, the pairs of the choice in ``layers_key``)."""
-        if self.layers_key:
-            self.layer_pairs = self.chosen_pairs(self.cfg, s_shapes, t_shapes)
+        """Create the distiller's trainable modules (regressor, embeddings, connectors) for these shapes; called with
+        ``self.layer_pairs`` already set (the (student, teacher) positions of the choice in ``layers_key``)."""
 
     def distill(self, feat_s: list[Tensor], feat_t: list[Tensor]) -> Tensor:
         """The distiller's term (unweighted) on RepDistiller's feature lists of the whole batch."""

@@ -59,7 +59,6 @@ class AB(FeatureDistiller):
     cfg: ABConfig
 
     def build(self, s_shapes: list[Shape], t_shapes: list[Shape]) -> None:
-        super().build(s_shapes, t_shapes)
         self.connectors = nn.ModuleList(
             nn.Identity() if s_shapes[i] == t_shapes[j] else ConvRegressor(s_shapes[i], t_shapes[j], relu=False)
             for i, j in self.layer_pairs)

@@ -43,7 +43,6 @@ class FitNet(FeatureDistiller):
     cfg: FitNetConfig
 
     def build(self, s_shapes: list[Shape], t_shapes: list[Shape]) -> None:
-        super().build(s_shapes, t_shapes)
         [(i, j)] = self.layer_pairs
         self.regressor = ConvRegressor(s_shapes[i], t_shapes[j], relu=True)
 

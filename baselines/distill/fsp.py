@@ -78,7 +78,6 @@ class FSP(FeatureDistiller):
                               f"map, got {widths}; set {cls.key('project')}=true to add 1x1 projections")
 
     def build(self, s_shapes: list[Shape], t_shapes: list[Shape]) -> None:
-        super().build(s_shapes, t_shapes)
         self.projections = nn.ModuleList(
             nn.Identity() if s_shapes[i][0] == t_shapes[j][0] else nn.Conv2d(s_shapes[i][0], t_shapes[j][0], 1, bias=False)
             for i, j in self.layer_pairs)

@@ -67,7 +67,6 @@ class FT(FeatureDistiller):
     cfg: FTConfig
 
     def build(self, s_shapes: list[Shape], t_shapes: list[Shape]) -> None:
-        super().build(s_shapes, t_shapes)
         [(self.i, self.j)] = self.layer_pairs
         c_s, c_t = s_shapes[self.i][0], t_shapes[self.j][0]
         k = int(c_t * self.cfg.rate)

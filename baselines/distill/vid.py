@@ -66,7 +66,6 @@ class VID(FeatureDistiller):
     cfg: VIDConfig
 
     def build(self, s_shapes: list[Shape], t_shapes: list[Shape]) -> None:
-        super().build(s_shapes, t_shapes)
         self.regressors = nn.ModuleList(VIDRegressor(s_shapes[i][0], t_shapes[j][0], self.cfg.init_var, self.cfg.eps)
                                         for i, j in self.layer_pairs)
 
