@@ -57,8 +57,10 @@ class DistillConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if min(self.gamma, self.alpha) < 0 or self.temperature <= 0:  # the KL divides the logits by T
-            raise ValueError("gamma and alpha must be >= 0 and temperature > 0")
+        if self.temperature <= 0:  # the KL divides the logits by T
+            raise ValueError(f"temperature = {self.temperature} must be > 0")
+        if min(self.gamma, self.alpha) < 0:
+            raise ValueError("gamma and alpha must be >= 0")
 
 
 def standardize(logits: Tensor, eps: float = 1e-7) -> Tensor:
