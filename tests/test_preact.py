@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from osslbench.models import MODELS, build_model
 
 # models whose every map ends in a ReLU: the map is relu(its pre-activation)
-POST_RELU = {"cnn-small", "cnn-large", "ShuffleV1"} | {n for n in MODELS if n.startswith("resnet")}
+POST_RELU = {"cnn-small", "cnn-large", "ShuffleV1"} | {n for n in MODELS if n.startswith("resnet") and not n.endswith("bireal")}
 
 
 NO_RELU = {"resnet8x4-bireal"}
