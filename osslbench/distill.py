@@ -1,5 +1,8 @@
-"""The shared step of RepDistiller's feature distillers (FitNet, AT, SP, CC, VID, RKD, PKT, AB, FT, FSP, NST) in
-the open set, as the SRD authors run them (``jingyang2017/SRD_ossl``, ``helper/loops.py``, ``train_ssldistill``):
+"""What the distillers share: :class:`Distiller` (a frozen teacher, the SRD paper's flipped unlabelled view, one
+student and one teacher pass over labelled + unlabelled images), :class:`DistillConfig` (the CE / KD weights and the
+temperature), logit standardisation (Sun et al. 2024), and the shared step of RepDistiller's feature distillers
+(FitNet, AT, SP, CC, VID, RKD, PKT, AB, FT, FSP, NST) in the open set, as the SRD authors run them
+(``jingyang2017/SRD_ossl``, ``helper/loops.py``, ``train_ssldistill``):
 
     L = gamma * CE(z_s, y) [labelled]  +  alpha * KL_T(z_s || z_t) [all]  +  beta * L_distiller(feat_s, feat_t) [all]
 
@@ -22,9 +25,9 @@ the protocol's epochs through ``Method.init_epochs``: see :class:`InitStageConfi
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -38,25 +41,69 @@ Shape = tuple[int, ...]
 
 
 @dataclass
-class FeatureDistillConfig(MethodConfig):
-    """Loss weights of RepDistiller's ``train_student.py`` (``-r``, ``-a``, ``-b``), as the SRD authors pass them
-    for every feature distiller (``runs/run_kd_ssl.sh``: ``-a 0 -b <beta>``, ``-r`` left at its default 1).
+class DistillConfig(MethodConfig):
+    """Loss weights of RepDistiller's ``train_student.py`` (``-r``, ``-a``, ``--kd_T``), which the SRD authors keep
+    for every distiller they run (``runs/run_kd_ssl.sh``); a method's config overrides a default its paper sets.
 
     :param gamma: cross-entropy weight on the labelled images (1, ``-r``'s default).
-    :param alpha: weight of Hinton's KL term on all images (0, ``-a 0``).
-    :param beta: weight of the distiller's own term on all images (each method's ``-b``).
-    :param temperature: temperature of the KL term (4, ``--kd_T``).
+    :param alpha: weight of the term on the teacher's logits, on all images (0, ``-a 0``): Hinton's KL for KD, SRD,
+        CRD and the feature distillers; DKD's target-class term.
+    :param temperature: temperature of that term (4, ``--kd_T``).
     """
 
     gamma: float = 1.0
     alpha: float = 0.0
-    beta: float = 0.0
     temperature: float = 4.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if min(self.gamma, self.alpha, self.beta) < 0 or self.temperature <= 0:
-            raise ValueError("gamma, alpha and beta must be >= 0 and temperature > 0")
+        if self.temperature <= 0:  # the KL divides the logits by T
+            raise ValueError(f"temperature = {self.temperature} must be > 0")
+        if min(self.gamma, self.alpha) < 0:
+            raise ValueError("gamma and alpha must be >= 0")
+
+
+def standardize(logits: Tensor, eps: float = 1e-7) -> Tensor:
+    """Logit standardisation (Sun et al., "Logit Standardization in Knowledge Distillation", CVPR 2024, Eq. 8 /
+    Alg. 1): ``(z - mean(z)) / (eps + std(z))`` per image, over the classes; ``std`` is the unbiased one, as in the
+    authors' ``normalize`` (``logit.std(dim=-1)``). KD and DKD offer it (``logit_std``)."""
+    z = logits.float()
+    return (z - z.mean(dim=1, keepdim=True)) / (eps + z.std(dim=1, keepdim=True))
+
+
+class Distiller(Method):
+    """Base of every distiller: a frozen, eval-mode teacher; the unlabelled images resized to 32 and flipped, not
+    cropped (the SRD paper's open-set setting); the teacher sees the student's batch (:meth:`teacher_forward`)."""
+
+    needs_teacher = True
+    unlabelled_views = ("flip",)  # SRD paper: unlabelled images are resized to 32 and flipped, not cropped
+    cfg: DistillConfig
+
+    def teacher_forward(self, batch: Batch, features: bool = False) -> Any:
+        """The frozen teacher, without gradient, on the batch of :meth:`Method.forward_student` (the labelled images,
+        then the first unlabelled view): logits, or ``(logits, feature maps)`` with ``features``."""
+        with torch.no_grad():
+            return self.teacher(torch.cat([batch.x_lb, *batch.x_ulb[:1]]), features=features)
+
+    def kd(self, logits: Tensor, t_logits: Tensor) -> Tensor:
+        """``alpha * KL_T(z_s || z_t)`` (Hinton et al. 2015) over the whole batch."""
+        return self.cfg.alpha * kl_div_t(logits, t_logits, self.cfg.temperature)
+
+
+@dataclass
+class FeatureDistillConfig(DistillConfig):
+    """The weights RepDistiller's ``train_student.py`` gives a feature distiller (``-r``, ``-a``, ``-b``), as the SRD
+    authors pass them (``runs/run_kd_ssl.sh``: ``-a 0 -b <beta>``, ``-r`` left at its default 1).
+
+    :param beta: weight of the distiller's own term on all images (each method's ``-b``).
+    """
+
+    beta: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.beta < 0:
+            raise ValueError("beta must be >= 0")
 
 
 @dataclass
@@ -142,44 +189,65 @@ def repdistiller_feats(net: Net, x: Tensor, preact: bool = False) -> tuple[Tenso
     return net.classifier(pooled), [*maps[:len(maps) - net.head_maps], pooled]
 
 
-class FeatureDistiller(Method):
+class FeatureDistiller(Distiller):
     """Base of the feature distillers: one student pass over labelled + unlabelled images, CE on the labelled,
     the optional KD term and ``beta * distill(feat_s, feat_t)`` on all of them.
 
-    A subclass sets ``Config``, optionally ``preact``, and defines :meth:`distill` (its paper's loss on
-    RepDistiller's feature lists), :meth:`check_shapes` (its layer choice against the two networks' shapes),
-    :meth:`build` (its trainable modules) and, with an init stage, :meth:`init_loss`.
+    A subclass sets ``Config``, optionally ``preact`` and ``layers_key``, and defines :meth:`distill` (its paper's
+    loss on RepDistiller's feature lists), :meth:`check_shapes` (its layer choice against the two networks' shapes)
+    and :meth:`build` (its trainable modules) where the ``layers_key`` defaults do not do, and, with an init stage,
+    :meth:`init_loss`.
 
     :cvar preact: the distiller reads pre-activation maps (RepDistiller's ``preact=True``: AB only).
+    :cvar layers_key: the config field holding the layer choice (e.g. ``"layers"``): the default
+        :meth:`check_shapes` checks it and ``self.layer_pairs`` holds its pairs before :meth:`build`; ``""`` = the
+        distiller reads the pooled vector only (CC, RKD, PKT).
+    :cvar regressed: each chosen student map is mapped onto its teacher map by a :class:`ConvRegressor` (FitNet's
+        hint regressor, AB's connectors): the default :meth:`check_shapes` also checks that one fits.
     """
 
-    needs_teacher = True
-    unlabelled_views = ("flip",)  # SRD paper: unlabelled images are resized to 32 and flipped, not cropped
     preact: ClassVar[bool] = False
+    layers_key: ClassVar[str] = ""
+    regressed: ClassVar[bool] = False
     cfg: FeatureDistillConfig
+    layer_pairs: list[tuple[int, int]]
 
     def __init__(self, cfg: FeatureDistillConfig, student: Net, teacher: Net | None = None, **kwargs: int) -> None:
         super().__init__(cfg, student, teacher, **kwargs)
         s_shapes = probe(student, self.image_size, self.preact)
         t_shapes = probe(self.teacher, self.image_size, self.preact)
         self.check_shapes(cfg, s_shapes, t_shapes)
+        self.layer_pairs = self.chosen_pairs(cfg, s_shapes, t_shapes) if self.layers_key else []
         self.build(s_shapes, t_shapes)
 
     # --- what a distiller defines ------------------------------------------------------------
     @classmethod
     def check_shapes(cls, cfg: FeatureDistillConfig, s_shapes: list[Shape], t_shapes: list[Shape]) -> None:
-        """Raise ``ConfigError`` (naming the key) when the layer choice does not fit these feature lists."""
+        """Raise ``ConfigError`` (naming the key) when the layer choice does not fit these feature lists (by
+        default: the choice in ``layers_key`` pairs at least one map of each network, a regressor fits each pair)."""
+        if not cls.layers_key:
+            return
+        for i, j in cls.chosen_pairs(cfg, s_shapes, t_shapes):
+            if cls.regressed and not regressor_fits(s_shapes[i], t_shapes[j]):
+                raise ConfigError(f"{cls.key(cls.layers_key)} = {getattr(cfg, cls.layers_key)!r}: the student's map "
+                                  f"{s_shapes[i]} cannot be regressed onto the teacher's {t_shapes[j]} (needs the same, "
+                                  "double or half size, or larger)")
 
     def build(self, s_shapes: list[Shape], t_shapes: list[Shape]) -> None:
-        """Create the distiller's trainable modules (regressor, embeddings, connectors) for these shapes."""
+        """Create the distiller's trainable modules (regressor, embeddings, connectors) for these shapes; called with
+        ``self.layer_pairs`` already set (the (student, teacher) positions of the choice in ``layers_key``)."""
 
     def distill(self, feat_s: list[Tensor], feat_t: list[Tensor]) -> Tensor:
         """The distiller's term (unweighted) on RepDistiller's feature lists of the whole batch."""
         raise NotImplementedError
 
     def init_loss(self, x: Tensor) -> Tensor:
-        """The init stage's loss on the labelled images ``x`` (two-stage methods only)."""
-        raise NotImplementedError
+        """The init stage's loss on the labelled images ``x`` (two-stage methods only); by default the distiller's own
+        term, unweighted (RepDistiller's ``init`` of AB and FSP)."""
+        feat_s = self.features(self.student, x)[1]
+        with torch.no_grad():
+            feat_t = self.features(self.teacher, x)[1]
+        return self.distill(feat_s, feat_t)
 
     # --- the shared machinery ----------------------------------------------------------------
     @classmethod
@@ -209,6 +277,17 @@ class FeatureDistiller(Method):
                               f"(feature lists of {len(s_shapes)} and {len(t_shapes)} entries, the pooled vector last)")
         return out
 
+    @classmethod
+    def chosen_pairs(cls, cfg: FeatureDistillConfig, s_shapes: list[Shape], t_shapes: list[Shape]) -> list[tuple[int, int]]:
+        """:meth:`pairs` of the choice held in the config field ``layers_key``."""
+        return cls.pairs(cls.layers_key, str(getattr(cfg, cls.layers_key)), s_shapes, t_shapes)
+
+    def paired_maps(self, feat_s: list[Tensor], feat_t: list[Tensor], match: bool = True) -> Iterator[tuple[Tensor, Tensor]]:
+        """The (student, teacher) maps of ``self.layer_pairs``, in order; with ``match``, the larger map of each pair
+        average-pooled to the smaller one's size (:func:`match_spatial`)."""
+        for i, j in self.layer_pairs:
+            yield match_spatial(feat_s[i], feat_t[j]) if match else (feat_s[i], feat_t[j])
+
     def init_epochs(self, epochs: int) -> int:
         frac = getattr(self.cfg, "init_epochs", 0.0)
         return math.ceil(frac * epochs - 1e-9) if frac > 0 else 0
@@ -237,7 +316,7 @@ class FeatureDistiller(Method):
             with torch.no_grad():
                 t_logits, feat_t = self.features(self.teacher, x)
             if cfg.alpha:
-                out["kd"] = cfg.alpha * kl_div_t(logits, t_logits, cfg.temperature)
+                out["kd"] = self.kd(logits, t_logits)
             if cfg.beta:
                 out[self.name] = cfg.beta * self.distill(feat_s, feat_t)
         return out
@@ -251,6 +330,12 @@ def match_spatial(f_s: Tensor, f_t: Tensor) -> tuple[Tensor, Tensor]:
     if f_s.shape[2] > f_t.shape[2]:
         return nn.functional.adaptive_avg_pool2d(f_s, f_t.shape[2:]), f_t
     return f_s, nn.functional.adaptive_avg_pool2d(f_t, f_s.shape[2:])
+
+
+def attention_map(f: Tensor, p: float) -> Tensor:
+    """``vec(mean_c f_c^p)``, L2-normalised per image: AT's spatial attention map (Zagoruyko & Komodakis 2017) and,
+    with ``p = 2``, FT's factor (``FactorTransfer.factor``, Kim et al. 2018)."""
+    return nn.functional.normalize(f.float().pow(p).mean(1).flatten(1))
 
 
 def regressor_fits(s: Shape, t: Shape) -> bool:

@@ -3,7 +3,8 @@
 * :func:`otsu_threshold` — Otsu, "A Threshold Selection Method from Gray-Level Histograms", IEEE Trans. SMC
   1979: the threshold of a 1-d score set that maximises the between-class variance. MTC (Yu et al. 2020) and
   T2T (Huang et al. 2021) split the unlabelled pool with it (their code: ``skimage.filters.threshold_otsu``,
-  256 bins); here a short torch version, so scikit-image is not a dependency.
+  256 bins); here a short torch version, so scikit-image is not a dependency. :func:`otsu_select` splits a
+  pool with it, inclusive (MTC) or strict (T2T) at the threshold.
 * One-vs-all (OVA) heads of OpenMatch (Saito, Kim & Saenko, NeurIPS 2021), also used by IOMatch (Li et al.,
   ICCV 2023): ``K`` binary classifiers in one ``nn.Linear(C, 2K)``; the outputs are read as ``B x 2 x K``
   (``logits.view(B, 2, K)``, the authors' layout), a softmax over the middle axis gives for every class ``k``
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ova_entropy", "ova_head", "ova_loss", "ova_outlier_score", "ova_probs", "otsu_threshold", "pooled"]
+__all__ = ["ova_entropy", "ova_head", "ova_loss", "ova_outlier_score", "ova_probs", "otsu_select", "otsu_threshold", "pooled"]
 
 _EPS = 1e-8  # inside the logarithms of OpenMatch's ova_loss / ova_ent
 
@@ -54,6 +55,20 @@ def otsu_threshold(scores: Tensor, bins: int = 256) -> float:
     between = torch.where((w0 > 0) & (w1 > 0), between, torch.full_like(between, -1.0))
     k = int(between.argmax())  # the first maximiser, as numpy's argmax in scikit-image
     return float((s[which <= k].max() + s[which > k].min()) / 2)
+
+
+def otsu_select(scores: Tensor, bins: int = 256, *, inclusive: bool) -> tuple[Tensor, float]:
+    """Positions of the upper class of Otsu's split of ``scores`` (on the CPU) and the threshold ``t``.
+
+    ``inclusive`` selects ``scores >= t`` (MTC: the authors' ``weights >= th``), otherwise ``scores > t`` (T2T: the
+    authors' ``filter_ood``, ``s > thresh``). Compared in float64, as ``t`` is computed, where the midpoint of two
+    float32 scores is exact: ``t`` lies strictly between the two classes, so the two rules differ only when every
+    score is equal (``t`` is that score): then the inclusive rule selects the whole pool and the strict one nothing,
+    as in either authors' code.
+    """
+    t = otsu_threshold(scores, bins)
+    s = scores.detach().cpu().double()
+    return ((s >= t) if inclusive else (s > t)).nonzero().flatten(), t
 
 
 def pooled(student: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from .config import as_tree, config_hash
 from .data.dataset import load_run_data, make_splits
+from .device import pick_device, seeded_init
 from .errors import CheckpointError, ConfigError, HostError, OsslbenchError
 from .fsio import RunLock, check_out_folder, clear_folder
 from .method import Method, MethodConfig
@@ -25,7 +26,7 @@ from .protocol import Protocol
 from .registry import get_method, method_config, student_rules_of
 from .results import RESULT, read_result, run_dir, summarize, versions, write_result
 from .teacher import get_teacher, teacher_config
-from .trainer import CHECKPOINT, METRICS, Schedule, Trainer, pick_device, seeded_init
+from .trainer import CHECKPOINT, METRICS, Schedule, Trainer
 
 # Protocol keys that do not change a run's outcome, left out of its config hash.
 _NOT_HASHED = {"description", "paper", "methods", "seeds", "scales", "source_file", "method", "sweep", "overrides",

@@ -18,6 +18,7 @@ import torch
 from .config import as_tree, config_hash
 from .data.augment import normalize
 from .data.dataset import RunData
+from .device import autocast_context, seeded_init
 from .errors import CheckpointError
 from .evaluate import evaluate
 from .fsio import RunLock, atomic_write, clear_folder
@@ -27,7 +28,7 @@ from .models.checkpoint import load_state
 from .protocol import Protocol
 from .registry import get_method
 from .results import RESULT, read_result, summarize, versions, write_result
-from .trainer import Schedule, Trainer, autocast_context, seeded_init
+from .trainer import Schedule, Trainer
 
 WEIGHTS = "teacher.pt"
 

@@ -9,9 +9,7 @@ without the interruption. Torch's global generator is never used while training:
 
 from __future__ import annotations
 
-import contextlib
 import json
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -23,6 +21,7 @@ from tqdm.auto import tqdm
 
 from .data.dataset import RunData
 from .data.pipeline import BatchPipeline
+from .device import autocast_context
 from .ema import EMA
 from .errors import CheckpointError, TrainingDiverged
 from .evaluate import evaluate
@@ -37,25 +36,6 @@ CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 
 
-_INIT_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def seeded_init(seed: int) -> Iterator[None]:
-    """Build models under ``torch.manual_seed(seed)``: layers initialise from torch's global generator, so
-    runs sharing a process (Dask threads) take turns, and the caller's generator state is restored after."""
-    with _INIT_LOCK, torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    """``auto`` = CUDA when available, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def make_optimizer(params: list[tuple[str, torch.nn.Parameter]], cfg: OptimConfig) -> torch.optim.Optimizer:
     """SGD or Adam; with ``decay_bn_bias = false`` no weight decay on 1-d parameters (BN, biases)."""
     decay = [p for n, p in params if cfg.decay_bn_bias or p.ndim > 1]
@@ -65,12 +45,6 @@ def make_optimizer(params: list[tuple[str, torch.nn.Parameter]], cfg: OptimConfi
     if cfg.name == "adam":
         return torch.optim.Adam(groups, lr=cfg.lr)
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
-
-
-def autocast_context(device: torch.device, amp: bool | str) -> Callable[[], contextlib.AbstractContextManager]:
-    """bf16 autocast where ``amp`` resolves to bf16 on ``device`` (:func:`osslbench.hardware.use_bf16`), else a no-op."""
-    ok = use_bf16(device, amp)
-    return lambda: torch.autocast(device.type, dtype=torch.bfloat16) if ok else contextlib.nullcontext()
 
 
 @dataclass

@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from osslbench.baselines.distill.srd import connector, srd_terms
-from osslbench.baselines.ssl.fixmatch import pseudo_labels
 from osslbench.method import Batch, kl_div_t
 from osslbench.models import build_model
 from osslbench.registry import get_method
+from osslbench.semisup import hard_pseudo_labels
 
 
 def fixed(*shape: int, scale: float = 1.0) -> torch.Tensor:
@@ -107,11 +107,11 @@ def test_kd_loss_value():
 
 def test_fixmatch_masks_exactly_the_samples_under_the_threshold():
     probs = torch.tensor([[0.96, 0.02, 0.02], [0.94, 0.03, 0.03], [0.01, 0.95, 0.04], [0.4, 0.3, 0.3]])
-    targets, mask = pseudo_labels(probs.log(), threshold=0.95)
+    targets, mask = hard_pseudo_labels(probs.log(), threshold=0.95)
     assert mask.tolist() == [1.0, 0.0, 1.0, 0.0]
     assert targets.tolist() == [0, 0, 1, 0]
     # a logit above the threshold whose probability is not: masked (thresholds are on probabilities)
-    _, mask2 = pseudo_labels(torch.tensor([[2.0, 1.9, 1.8]]), threshold=0.95)
+    _, mask2 = hard_pseudo_labels(torch.tensor([[2.0, 1.9, 1.8]]), threshold=0.95)
     assert mask2.item() == 0.0
 
 

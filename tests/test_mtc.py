@@ -9,11 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from osslbench.baselines.openset.mtc import otsu_select
-from osslbench.baselines.ssl.mixmatch import mixup
 from osslbench.method import Batch, PoolAccess
 from osslbench.models import build_model
+from osslbench.ood import otsu_select
 from osslbench.registry import get_method
+from osslbench.semisup import mixup
 
 K_CLASSES = 3
 
@@ -164,7 +164,7 @@ def test_otsu_selects_exactly_the_high_mode_of_a_bimodal_set():
     perm = torch.randperm(30, generator=torch.Generator().manual_seed(1))
     scores = torch.cat([low, high])[perm]
     inliers = set((perm >= 20).nonzero().flatten().tolist())
-    selected, t = otsu_select(scores)
+    selected, t = otsu_select(scores, inclusive=True)
     assert set(selected.tolist()) == inliers and 0.15 < t < 0.85
     # through the epoch hook: window of one epoch, the labels are the predictions themselves
     method = make(pool_size=30, avg_epochs=1, pre_epochs=1, pre_epochs_fraction=1.0)
@@ -192,7 +192,7 @@ def test_selection_reexamines_the_whole_pool_every_epoch():
 
 
 def test_all_equal_labels_select_the_whole_pool():
-    selected, t = otsu_select(torch.zeros(5))
+    selected, t = otsu_select(torch.zeros(5), inclusive=True)
     assert selected.tolist() == [0, 1, 2, 3, 4] and t == 0.0  # the authors' weights >= th
 
 

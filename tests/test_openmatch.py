@@ -11,13 +11,14 @@ import torch
 import torch.nn.functional as F
 
 import osslbench.baselines.openset.openmatch as openmatch_module
-from osslbench.baselines.openset.openmatch import OpenMatch, OpenMatchConfig, inliers, socr_loss, warmup_epochs
+from osslbench.baselines.openset.openmatch import OpenMatch, OpenMatchConfig, inliers, socr_loss
 from osslbench.data.dataset import RunData
 from osslbench.method import Batch, PoolAccess
 from osslbench.models import build_model
 from osslbench.ood import ova_entropy, ova_loss, ova_outlier_score, ova_probs
 from osslbench.protocol import OptimConfig, TrainConfig
 from osslbench.registry import get_method
+from osslbench.semisup import scaled_epochs
 from osslbench.trainer import Schedule, Trainer
 
 K = 3  # seen classes of the tiny problems
@@ -155,11 +156,11 @@ def test_no_selection_and_no_fixmatch_term_during_the_warm_up():
 
 
 def test_warm_up_length_is_ten_epochs_at_paper_scale_and_the_same_share_of_a_short_run():
-    assert warmup_epochs(10, 10 / 240, 240) == 10
-    assert warmup_epochs(10, 10 / 240, 512) == 10  # the authors' run
-    assert warmup_epochs(10, 10 / 240, 20) == 1  # mini scale
-    assert warmup_epochs(10, 10 / 240, 48) == 2
-    assert warmup_epochs(0, 10 / 240, 240) == 0
+    assert scaled_epochs(10, 10 / 240, 240) == 10
+    assert scaled_epochs(10, 10 / 240, 512) == 10  # the authors' run
+    assert scaled_epochs(10, 10 / 240, 20) == 1  # mini scale
+    assert scaled_epochs(10, 10 / 240, 48) == 2
+    assert scaled_epochs(0, 10 / 240, 240) == 0
 
 
 def test_trainer_gives_the_selected_stream_only_after_the_warm_up(tmp_path):

@@ -9,7 +9,10 @@ import torch.nn.functional as F
 from osslbench.models import MODELS, build_model
 
 # models whose every map ends in a ReLU: the map is relu(its pre-activation)
-POST_RELU = {"cnn-small", "cnn-large", "ShuffleV1"} | {n for n in MODELS if n.startswith("resnet")}
+POST_RELU = {"cnn-small", "cnn-large", "ShuffleV1"} | {n for n in MODELS if n.startswith("resnet") and not n.endswith("bireal")}
+
+
+NO_RELU = {"resnet8x4-bireal"}
 
 
 def make(name: str):
@@ -30,7 +33,10 @@ def test_preact_features_match_the_plain_pass(name):
     assert len(pre) == len(post) == len(feats)
     for f, g, p, q in zip(feats, post, pre, pre2, strict=True):
         assert torch.allclose(f, g, atol=1e-5) and p.shape == f.shape and torch.equal(p, q)
-    assert (pre[-1] < 0).any() and torch.allclose(F.relu(pre[-1]), feats[-1], atol=1e-5)  # the last map's ReLU
+    if name in NO_RELU:  # Bi-Real: real-valued shortcuts, no ReLU ends a map: each is its own pre-activation
+        assert all(torch.equal(p, f) for p, f in zip(pre, feats, strict=True))
+    else:
+        assert (pre[-1] < 0).any() and torch.allclose(F.relu(pre[-1]), feats[-1], atol=1e-5)  # the last map's ReLU
     if name in POST_RELU:
         assert all(torch.allclose(F.relu(p), f, atol=1e-5) for p, f in zip(pre, feats, strict=True))
     if name.startswith("wrn"):  # RepDistiller: the next block's bn1 of f1, f2; bn1 of block3's output

@@ -9,20 +9,23 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from osslbench.baselines.ssl.meanteacher import MeanTeacher, MeanTeacherConfig, ramp_length, sigmoid_rampup, softmax_mse
-from osslbench.baselines.ssl.mixmatch import (
-    MixMatch,
-    MixMatchConfig,
+from osslbench.baselines.ssl.meanteacher import MeanTeacher, MeanTeacherConfig, softmax_mse
+from osslbench.baselines.ssl.mixmatch import MixMatch, MixMatchConfig
+from osslbench.baselines.ssl.pseudolabel import PseudoLabel, PseudoLabelConfig
+from osslbench.method import Batch
+from osslbench.models import build_model
+from osslbench.semisup import (
     guess_labels,
+    hard_pseudo_labels,
     linear_rampup,
     mixup,
     probability_mse,
+    pseudo_label_loss,
+    ramp_length,
     sharpen,
+    sigmoid_rampup,
     soft_cross_entropy,
 )
-from osslbench.baselines.ssl.pseudolabel import PseudoLabel, PseudoLabelConfig, hard_pseudo_labels, pseudo_label_loss
-from osslbench.method import Batch
-from osslbench.models import build_model
 
 C = 3  # classes of the tiny models
 
@@ -320,9 +323,9 @@ def test_mixmatch_loss_terms_on_fixed_values():
     logits = torch.tensor([[math.log(0.5), math.log(0.25), math.log(0.25)], [0.0, 0.0, 0.0]])
     targets = torch.tensor([[0.6, 0.4, 0.0], [0.0, 0.0, 1.0]])
     # row 1: -(0.6 log 0.5 + 0.4 log 0.25) = 1.4 log 2; row 2: -log(1/3) = log 3
-    assert soft_cross_entropy(logits, targets).item() == pytest.approx((1.4 * math.log(2) + math.log(3)) / 2, rel=1e-6)
+    assert soft_cross_entropy(logits, targets, "mean").item() == pytest.approx((1.4 * math.log(2) + math.log(3)) / 2, rel=1e-6)
     y = torch.tensor([2, 0])
-    assert soft_cross_entropy(logits, F.one_hot(y, 3).float()).item() == pytest.approx(
+    assert soft_cross_entropy(logits, F.one_hot(y, 3).float(), "mean").item() == pytest.approx(
         F.cross_entropy(logits, y).item(), rel=1e-6)
     z = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]])  # probabilities [0.5, 0.5], [0.75, 0.25]
     q = torch.tensor([[1.0, 0.0], [0.75, 0.25]])
@@ -387,7 +390,7 @@ def test_mixmatch_losses_are_soft_ce_on_labelled_rows_and_probability_mse_on_the
     assert set(terms) == {"ce", "unsup"}
     with torch.no_grad():
         logits = student(x_mix)
-    assert terms["ce"].item() == pytest.approx(soft_cross_entropy(logits[:2], t_mix[:2]).item(), rel=1e-5)
+    assert terms["ce"].item() == pytest.approx(soft_cross_entropy(logits[:2], t_mix[:2], "mean").item(), rel=1e-5)
     assert terms["unsup"].item() == pytest.approx(75.0 / 4 * probability_mse(logits[2:], t_mix[2:]).item(), rel=1e-5)
 
 

@@ -19,7 +19,6 @@ from osslbench.baselines.openset.t2t import (
     matching_pairs,
     other_class,
     rotation_batch,
-    select_above,
     stage2_start,
     uda_consistency,
 )
@@ -27,7 +26,7 @@ from osslbench.config import parse_overrides
 from osslbench.evaluate import auroc
 from osslbench.method import Batch, PoolAccess
 from osslbench.models import build_model
-from osslbench.ood import pooled
+from osslbench.ood import otsu_select, pooled
 from osslbench.protocol import OptimConfig, load_protocol
 from osslbench.registry import get_method
 from osslbench.runner import RunOptions, run_one
@@ -309,7 +308,7 @@ class TablePool:
 
 def test_otsu_selection_is_remade_from_the_whole_pool_every_epoch():
     # hand-computed Otsu: splits of 0.1, 0.2, 0.3, 0.8 have between-class variances 0.0208, 0.04, 0.0675
-    chosen, t = select_above(torch.tensor([0.3, 0.8, 0.1, 0.2]))
+    chosen, t = otsu_select(torch.tensor([0.3, 0.8, 0.1, 0.2]), inclusive=False)
     assert chosen.tolist() == [1] and t == pytest.approx(0.55, abs=1e-7)
     method = make()
     pool = TablePool(method, [0.9, 0.1, 0.95, 0.2, 0.85, 0.15])

@@ -21,11 +21,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor, nn
 
-from osslbench.distill import ConvRegressor, FeatureDistiller, InitStageConfig, Shape, regressor_fits
-from osslbench.errors import ConfigError
+from osslbench.distill import ConvRegressor, FeatureDistiller, InitStageConfig, Shape
 
 
 @dataclass
@@ -56,17 +54,11 @@ class AB(FeatureDistiller):
     description = "AB (Heo et al. 2019): activation-boundary transfer in an init stage, then CE (two stages)"
     Config = ABConfig
     preact = True
+    layers_key = "layers"
+    regressed = True
     cfg: ABConfig
 
-    @classmethod
-    def check_shapes(cls, cfg: ABConfig, s_shapes: list[Shape], t_shapes: list[Shape]) -> None:
-        for i, j in cls.pairs("layers", cfg.layers, s_shapes, t_shapes):
-            if not regressor_fits(s_shapes[i], t_shapes[j]):
-                raise ConfigError(f"{cls.key('layers')} = {cfg.layers!r}: the student's map {s_shapes[i]} cannot be "
-                                  f"connected to the teacher's {t_shapes[j]}")
-
     def build(self, s_shapes: list[Shape], t_shapes: list[Shape]) -> None:
-        self.layer_pairs = self.pairs("layers", self.cfg.layers, s_shapes, t_shapes)
         self.connectors = nn.ModuleList(
             nn.Identity() if s_shapes[i] == t_shapes[j] else ConvRegressor(s_shapes[i], t_shapes[j], relu=False)
             for i, j in self.layer_pairs)
@@ -74,11 +66,6 @@ class AB(FeatureDistiller):
     def distill(self, feat_s: list[Tensor], feat_t: list[Tensor]) -> Tensor:
         k = len(self.layer_pairs)
         b = feat_s[0].shape[0]
-        return sum(2.0 ** (n - k + 1) * boundary_loss(c(feat_s[i]), feat_t[j], self.cfg.margin) / b * 3 / 1000
-                   for n, (c, (i, j)) in enumerate(zip(self.connectors, self.layer_pairs, strict=True)))
-
-    def init_loss(self, x: Tensor) -> Tensor:
-        feat_s = self.features(self.student, x)[1]
-        with torch.no_grad():
-            feat_t = self.features(self.teacher, x)[1]
-        return self.distill(feat_s, feat_t)
+        pairs = zip(self.connectors, self.paired_maps(feat_s, feat_t, match=False), strict=True)
+        return sum(2.0 ** (n - k + 1) * boundary_loss(c(f_s), f_t, self.cfg.margin) / b * 3 / 1000
+                   for n, (c, (f_s, f_t)) in enumerate(pairs))

@@ -13,9 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from torch import Tensor
-from torch.nn import functional as F
 
-from osslbench.distill import FeatureDistillConfig, FeatureDistiller, Shape, match_spatial
+from osslbench.distill import FeatureDistillConfig, FeatureDistiller, attention_map
 
 
 @dataclass
@@ -34,27 +33,13 @@ class ATConfig(FeatureDistillConfig):
     p: float = 2.0
 
 
-def attention(f: Tensor, p: float) -> Tensor:
-    """The L2-normalised spatial attention map ``mean_c f_c^p`` of each image, flattened."""
-    return F.normalize(f.float().pow(p).mean(1).flatten(1))
-
-
 class AT(FeatureDistiller):
     name = "at"
     description = "AT (Zagoruyko & Komodakis 2017): match the normalised spatial attention maps of every stage"
     Config = ATConfig
+    layers_key = "layers"
     cfg: ATConfig
 
-    @classmethod
-    def check_shapes(cls, cfg: ATConfig, s_shapes: list[Shape], t_shapes: list[Shape]) -> None:
-        cls.pairs("layers", cfg.layers, s_shapes, t_shapes)
-
-    def build(self, s_shapes: list[Shape], t_shapes: list[Shape]) -> None:
-        self.layer_pairs = self.pairs("layers", self.cfg.layers, s_shapes, t_shapes)
-
     def distill(self, feat_s: list[Tensor], feat_t: list[Tensor]) -> Tensor:
-        loss = feat_s[0].new_zeros((), dtype=feat_s[0].float().dtype)
-        for i, j in self.layer_pairs:
-            f_s, f_t = match_spatial(feat_s[i], feat_t[j])
-            loss = loss + (attention(f_s, self.cfg.p) - attention(f_t, self.cfg.p)).pow(2).mean()
-        return loss
+        p = self.cfg.p
+        return sum((attention_map(f_s, p) - attention_map(f_t, p)).pow(2).mean() for f_s, f_t in self.paired_maps(feat_s, feat_t))

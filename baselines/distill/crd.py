@@ -36,12 +36,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from osslbench.method import Batch, Method, MethodConfig, cross_entropy, kl_div_t
+from osslbench.distill import DistillConfig, Distiller
+from osslbench.method import Batch, cross_entropy
 from osslbench.models.base import Net
 
 
 @dataclass
-class CRDConfig(MethodConfig):
+class CRDConfig(DistillConfig):
     """RepDistiller's CRD settings (``train_student.py`` argument defaults; README: ``--distill crd -a 0 -b 0.8``).
 
     :param gamma: cross-entropy weight on labelled images (``-r 1``).
@@ -54,10 +55,7 @@ class CRDConfig(MethodConfig):
     :param nce_m: momentum of the memory bank update (``--nce_m 0.5``).
     """
 
-    gamma: float = 1.0
-    alpha: float = 0.0
     beta: float = 0.8
-    temperature: float = 4.0
     feat_dim: int = 128
     nce_k: int = 16384
     nce_t: float = 0.07
@@ -133,12 +131,10 @@ class ContrastMemory(nn.Module):
         return out_s / self.z[0], out_t / self.z[1]
 
 
-class CRD(Method):
+class CRD(Distiller):
     name = "crd"
     description = "Contrastive Representation Distillation (Tian et al., ICLR 2020): NCE over a bank of labelled + pool"
     Config = CRDConfig
-    needs_teacher = True
-    unlabelled_views = ("flip",)  # as KD / SRD: unlabelled images resized to 32 and flipped
     cfg: CRDConfig
 
     def __init__(self, cfg: CRDConfig, student: Net, teacher: Net | None = None, **kwargs: int) -> None:
@@ -162,8 +158,7 @@ class CRD(Method):
     def losses(self, batch: Batch) -> dict[str, Tensor]:
         cfg = self.cfg
         logits_lb, logits_ulb, feats = self.forward_student(batch, features=True)
-        with torch.no_grad():
-            t_logits, t_feats = self.teacher(torch.cat([batch.x_lb, *batch.x_ulb[:1]]), features=True)
+        t_logits, t_feats = self.teacher_forward(batch, features=True)
         idx = self.bank_positions(batch)
         contrast = torch.cat([idx.unsqueeze(1), sample_negatives(idx, self.memory.n_data, cfg.nce_k, batch.gen)], 1)
         device = feats[-1].device
@@ -174,5 +169,5 @@ class CRD(Method):
             crd = nce_loss(out_s, self.memory.n_data) + nce_loss(out_t, self.memory.n_data)
         out = {"ce": cfg.gamma * cross_entropy(logits_lb, batch.y_lb), "crd": cfg.beta * crd}
         if cfg.alpha:
-            out["kd"] = cfg.alpha * kl_div_t(torch.cat([logits_lb, logits_ulb]), t_logits, cfg.temperature)
+            out["kd"] = self.kd(torch.cat([logits_lb, logits_ulb]), t_logits)
         return out

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from osslbench.method import Batch, Method, MethodConfig, cross_entropy
+from osslbench.distill import Distiller
+from osslbench.method import Batch, MethodConfig, cross_entropy
 
 
 @dataclass
@@ -55,19 +56,15 @@ def dist_terms(s_logits: Tensor, t_logits: Tensor, tau: float) -> tuple[Tensor, 
     return tau * tau * inter, tau * tau * intra
 
 
-class DIST(Method):
+class DIST(Distiller):
     name = "dist"
     description = "DIST (Huang et al., NeurIPS 2022): inter- and intra-class Pearson relations of teacher and student"
     Config = DISTConfig
-    needs_teacher = True
-    unlabelled_views = ("flip",)  # as KD / SRD: unlabelled images resized to 32 and flipped
-    cfg: DISTConfig
+    cfg: DISTConfig  # DIST's own weights (gamma_ce, beta, gamma, tau): no KD term, not a DistillConfig
 
     def losses(self, batch: Batch) -> dict[str, Tensor]:
         cfg = self.cfg
         logits_lb, logits_ulb = self.forward_student(batch)
-        with torch.no_grad():
-            t_logits = self.teacher(torch.cat([batch.x_lb, *batch.x_ulb[:1]]))
-        inter, intra = dist_terms(torch.cat([logits_lb, logits_ulb]), t_logits, cfg.tau)
+        inter, intra = dist_terms(torch.cat([logits_lb, logits_ulb]), self.teacher_forward(batch), cfg.tau)
         return {"ce": cfg.gamma_ce * cross_entropy(logits_lb, batch.y_lb),
                 "inter": cfg.beta * inter, "intra": cfg.gamma * intra}

@@ -30,12 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from osslbench.baselines.distill.kd import standardize
-from osslbench.method import Batch, Method, MethodConfig, cross_entropy
+from osslbench.distill import DistillConfig, Distiller, standardize
+from osslbench.method import Batch, cross_entropy
 
 
 @dataclass
-class DKDConfig(MethodConfig):
+class DKDConfig(DistillConfig):
     """mdistiller's CIFAR-100 settings (``mdistiller/engine/cfg.py`` ``CFG.DKD``; ``configs/cifar100/dkd/*.yaml``).
 
     :param gamma: cross-entropy weight on labelled images (``CE_WEIGHT`` 1.0).
@@ -51,10 +51,8 @@ class DKDConfig(MethodConfig):
         ``mdistiller/distillers/DKD.py``, ``normalize``).
     """
 
-    gamma: float = 1.0
     alpha: float = 1.0
     beta: float = 8.0
-    temperature: float = 4.0
     warmup: int = 20
     warmup_fraction: float = 20 / 240
     logit_std: bool = False
@@ -86,20 +84,17 @@ def warmup_factor(epoch: int, epochs: int, warmup: int, fraction: float) -> floa
     return 1.0 if w <= 0 else min((epoch + 1) / w, 1.0)
 
 
-class DKD(Method):
+class DKD(Distiller):
     name = "dkd"
     description = "Decoupled KD (Zhao et al., CVPR 2022): TCKD + NCKD; unlabelled target = teacher's argmax"
     Config = DKDConfig
-    needs_teacher = True
-    unlabelled_views = ("flip",)  # as KD / SRD: unlabelled images resized to 32 and flipped
     cfg: DKDConfig
 
     def losses(self, batch: Batch) -> dict[str, Tensor]:
         cfg = self.cfg
         n = batch.x_lb.shape[0]
         logits_lb, logits_ulb = self.forward_student(batch)
-        with torch.no_grad():
-            t_logits = self.teacher(torch.cat([batch.x_lb, *batch.x_ulb[:1]])).float()
+        t_logits = self.teacher_forward(batch).float()
         s_logits = torch.cat([logits_lb, logits_ulb]).float()
         target = torch.cat([batch.y_lb, t_logits[n:].argmax(dim=1)])  # labelled: the label; unlabelled: teacher's argmax
         if cfg.logit_std:

@@ -16,8 +16,7 @@ from dataclasses import dataclass
 from torch import Tensor
 from torch.nn import functional as F
 
-from osslbench.distill import ConvRegressor, FeatureDistillConfig, FeatureDistiller, Shape, regressor_fits
-from osslbench.errors import ConfigError
+from osslbench.distill import ConvRegressor, FeatureDistillConfig, FeatureDistiller, Shape
 
 
 @dataclass
@@ -39,20 +38,14 @@ class FitNet(FeatureDistiller):
     name = "fitnet"
     description = "FitNet (Romero et al. 2015): MSE between a regressed student layer and the teacher's hint layer"
     Config = FitNetConfig
+    layers_key = "hint_layer"
+    regressed = True
     cfg: FitNetConfig
 
-    @classmethod
-    def check_shapes(cls, cfg: FitNetConfig, s_shapes: list[Shape], t_shapes: list[Shape]) -> None:
-        [(i, j)] = cls.pairs("hint_layer", str(cfg.hint_layer), s_shapes, t_shapes)
-        if not regressor_fits(s_shapes[i], t_shapes[j]):
-            raise ConfigError(f"{cls.key('hint_layer')} = {cfg.hint_layer}: the student's map {s_shapes[i]} cannot be "
-                              f"regressed onto the teacher's {t_shapes[j]} (needs the same, double or half size, or larger)")
-
     def build(self, s_shapes: list[Shape], t_shapes: list[Shape]) -> None:
-        [(i, j)] = self.pairs("hint_layer", str(self.cfg.hint_layer), s_shapes, t_shapes)
-        self.layers = (i, j)
+        [(i, j)] = self.layer_pairs
         self.regressor = ConvRegressor(s_shapes[i], t_shapes[j], relu=True)
 
     def distill(self, feat_s: list[Tensor], feat_t: list[Tensor]) -> Tensor:
-        i, j = self.layers
-        return F.mse_loss(self.regressor(feat_s[i]).float(), feat_t[j].float())
+        [(f_s, f_t)] = self.paired_maps(feat_s, feat_t, match=False)
+        return F.mse_loss(self.regressor(f_s).float(), f_t.float())

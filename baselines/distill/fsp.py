@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -65,11 +64,12 @@ class FSP(FeatureDistiller):
     name = "fsp"
     description = "FSP (Yim et al. 2017): match flow (Gram) matrices between stages in an init stage, then CE"
     Config = FSPConfig
+    layers_key = "layers"
     cfg: FSPConfig
 
     @classmethod
     def check_shapes(cls, cfg: FSPConfig, s_shapes: list[Shape], t_shapes: list[Shape]) -> None:
-        pairs = cls.pairs("layers", cfg.layers, s_shapes, t_shapes)
+        pairs = cls.chosen_pairs(cfg, s_shapes, t_shapes)
         if len(pairs) < 2:
             raise ConfigError(f"{cls.key('layers')} = {cfg.layers!r} pairs {len(pairs)} map(s); FSP needs at least 2")
         widths = [(s_shapes[i][0], t_shapes[j][0]) for i, j in pairs]
@@ -78,18 +78,12 @@ class FSP(FeatureDistiller):
                               f"map, got {widths}; set {cls.key('project')}=true to add 1x1 projections")
 
     def build(self, s_shapes: list[Shape], t_shapes: list[Shape]) -> None:
-        self.layer_pairs = self.pairs("layers", self.cfg.layers, s_shapes, t_shapes)
         self.projections = nn.ModuleList(
             nn.Identity() if s_shapes[i][0] == t_shapes[j][0] else nn.Conv2d(s_shapes[i][0], t_shapes[j][0], 1, bias=False)
             for i, j in self.layer_pairs)
 
     def distill(self, feat_s: list[Tensor], feat_t: list[Tensor]) -> Tensor:
-        g_s = fsp_matrices([p(feat_s[i]) for p, (i, _) in zip(self.projections, self.layer_pairs, strict=True)])
-        g_t = fsp_matrices([feat_t[j] for _, j in self.layer_pairs])
+        pairs = list(self.paired_maps(feat_s, feat_t, match=False))
+        g_s = fsp_matrices([p(f_s) for p, (f_s, _) in zip(self.projections, pairs, strict=True)])
+        g_t = fsp_matrices([f_t for _, f_t in pairs])
         return sum((s - t).pow(2).mean() for s, t in zip(g_s, g_t, strict=True))
-
-    def init_loss(self, x: Tensor) -> Tensor:
-        feat_s = self.features(self.student, x)[1]
-        with torch.no_grad():
-            feat_t = self.features(self.teacher, x)[1]
-        return self.distill(feat_s, feat_t)

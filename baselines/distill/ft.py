@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from osslbench.distill import FeatureDistiller, InitStageConfig, Shape, match_spatial
+from osslbench.distill import FeatureDistiller, InitStageConfig, Shape, attention_map, match_spatial
 
 
 @dataclass
@@ -59,23 +59,15 @@ def conv_stack(channels: list[int], bn: bool, transposed: bool = False) -> nn.Se
     return nn.Sequential(*layers)
 
 
-def factor(f: Tensor) -> Tensor:
-    """``vec(mean_c f_c^2)``, L2-normalised per image (``FactorTransfer.factor`` with p1 = 2)."""
-    return F.normalize(f.float().pow(2).mean(1).flatten(1))
-
-
 class FT(FeatureDistiller):
     name = "ft"
     description = "FT (Kim et al. 2018): paraphraser trained on the teacher (init stage), then factor transfer"
     Config = FTConfig
+    layers_key = "layer"
     cfg: FTConfig
 
-    @classmethod
-    def check_shapes(cls, cfg: FTConfig, s_shapes: list[Shape], t_shapes: list[Shape]) -> None:
-        cls.pairs("layer", str(cfg.layer), s_shapes, t_shapes)
-
     def build(self, s_shapes: list[Shape], t_shapes: list[Shape]) -> None:
-        [(self.i, self.j)] = self.pairs("layer", str(self.cfg.layer), s_shapes, t_shapes)
+        [(self.i, self.j)] = self.layer_pairs
         c_s, c_t = s_shapes[self.i][0], t_shapes[self.j][0]
         k = int(c_t * self.cfg.rate)
         self.encoder = conv_stack([c_t, c_t, k, k], bn=False)  # the paraphraser (use_bn=False)
@@ -91,4 +83,5 @@ class FT(FeatureDistiller):
         with torch.no_grad():  # the paraphraser is frozen after the init stage
             factor_t = self.encoder(feat_t[self.j])
         factor_s, factor_t = match_spatial(self.translator(feat_s[self.i]), factor_t)
-        return (factor(factor_s) - factor(factor_t)).abs().mean()
+        # the factor phi: AT's attention map with p = 2 (``FactorTransfer.factor`` with p1 = 2)
+        return (attention_map(factor_s, 2) - attention_map(factor_t, 2)).abs().mean()

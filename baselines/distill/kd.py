@@ -16,18 +16,12 @@ import torch
 from torch import Tensor
 
 from osslbench.config import ADDED_LATER
-from osslbench.method import Batch, Method, MethodConfig, cross_entropy, kl_div_t
-
-
-def standardize(logits: Tensor, eps: float = 1e-7) -> Tensor:
-    """Sun et al. 2024, Eq. 8 / Alg. 1: ``(z - mean(z)) / (eps + std(z))`` per image, over the classes; ``std`` is the
-    unbiased one, as in the authors' ``normalize`` (``logit.std(dim=-1)``)."""
-    z = logits.float()
-    return (z - z.mean(dim=1, keepdim=True)) / (eps + z.std(dim=1, keepdim=True))
+from osslbench.distill import DistillConfig, Distiller, standardize
+from osslbench.method import Batch, cross_entropy
 
 
 @dataclass
-class KDConfig(MethodConfig):
+class KDConfig(DistillConfig):
     """Loss weights of RepDistiller's KD run, used unchanged by the SRD paper.
 
     :param gamma: cross-entropy weight (0.1).
@@ -42,21 +36,13 @@ class KDConfig(MethodConfig):
 
     gamma: float = 0.1
     alpha: float = 0.9
-    temperature: float = 4.0
     logit_std: bool = field(default=False, metadata=ADDED_LATER)
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.temperature <= 0:  # the KL divides the logits by T
-            raise ValueError(f"temperature = {self.temperature} must be > 0")
 
-
-class KD(Method):
+class KD(Distiller):
     name = "kd"
     description = "Hinton KD: CE on labelled + KL_T(student || teacher) on labelled and unlabelled images"
     Config = KDConfig
-    needs_teacher = True
-    unlabelled_views = ("flip",)  # SRD paper: unlabelled images are resized to 32 and flipped, not cropped
     teacher_outputs = ("logits",)
     cfg: KDConfig
 
@@ -66,7 +52,4 @@ class KD(Method):
         s_logits = torch.cat([logits_lb, logits_ulb])
         if self.cfg.logit_std:
             s_logits, t_logits = standardize(s_logits), standardize(t_logits)
-        return {
-            "ce": self.cfg.gamma * cross_entropy(logits_lb, batch.y_lb),
-            "kd": self.cfg.alpha * kl_div_t(s_logits, t_logits, self.cfg.temperature),
-        }
+        return {"ce": self.cfg.gamma * cross_entropy(logits_lb, batch.y_lb), "kd": self.kd(s_logits, t_logits)}

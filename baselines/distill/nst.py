@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from torch import Tensor
 from torch.nn import functional as F
 
-from osslbench.distill import FeatureDistillConfig, FeatureDistiller, Shape, match_spatial
+from osslbench.distill import FeatureDistillConfig, FeatureDistiller
 
 
 @dataclass
@@ -38,24 +38,19 @@ def poly_kernel(a: Tensor, b: Tensor) -> Tensor:
     return (b @ a.transpose(1, 2)).pow(2)
 
 
+def selectivity_mmd(f_s: Tensor, f_t: Tensor) -> Tensor:
+    """The squared MMD of one layer pair (maps of the same size); the teacher-teacher term without gradient."""
+    s = F.normalize(f_s.float().flatten(2), dim=2)
+    t = F.normalize(f_t.float().flatten(2), dim=2)
+    return poly_kernel(t, t).mean().detach() + poly_kernel(s, s).mean() - 2 * poly_kernel(s, t).mean()
+
+
 class NST(FeatureDistiller):
     name = "nst"
     description = "NST (Huang & Wang 2017): polynomial-kernel MMD between the neuron selectivity patterns"
     Config = NSTConfig
+    layers_key = "layers"
     cfg: NSTConfig
 
-    @classmethod
-    def check_shapes(cls, cfg: NSTConfig, s_shapes: list[Shape], t_shapes: list[Shape]) -> None:
-        cls.pairs("layers", cfg.layers, s_shapes, t_shapes)
-
-    def build(self, s_shapes: list[Shape], t_shapes: list[Shape]) -> None:
-        self.layer_pairs = self.pairs("layers", self.cfg.layers, s_shapes, t_shapes)
-
     def distill(self, feat_s: list[Tensor], feat_t: list[Tensor]) -> Tensor:
-        loss = feat_s[0].new_zeros((), dtype=feat_s[0].float().dtype)
-        for i, j in self.layer_pairs:
-            f_s, f_t = match_spatial(feat_s[i], feat_t[j])
-            s = F.normalize(f_s.float().flatten(2), dim=2)
-            t = F.normalize(f_t.float().flatten(2), dim=2)
-            loss = loss + poly_kernel(t, t).mean().detach() + poly_kernel(s, s).mean() - 2 * poly_kernel(s, t).mean()
-        return loss
+        return sum(selectivity_mmd(f_s, f_t) for f_s, f_t in self.paired_maps(feat_s, feat_t))

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from torch import Tensor
 from torch.nn import functional as F
 
-from osslbench.distill import FeatureDistillConfig, FeatureDistiller, Shape
+from osslbench.distill import FeatureDistillConfig, FeatureDistiller
 
 
 @dataclass
@@ -42,15 +42,10 @@ class SP(FeatureDistiller):
     name = "sp"
     description = "SP (Tung & Mori 2019): match the batch's pairwise similarity matrices of the last map"
     Config = SPConfig
+    layers_key = "layers"
     cfg: SPConfig
-
-    @classmethod
-    def check_shapes(cls, cfg: SPConfig, s_shapes: list[Shape], t_shapes: list[Shape]) -> None:
-        cls.pairs("layers", cfg.layers, s_shapes, t_shapes)
-
-    def build(self, s_shapes: list[Shape], t_shapes: list[Shape]) -> None:
-        self.layer_pairs = self.pairs("layers", self.cfg.layers, s_shapes, t_shapes)
 
     def distill(self, feat_s: list[Tensor], feat_t: list[Tensor]) -> Tensor:
         b = feat_s[0].shape[0]
-        return sum((similarity(feat_t[j]) - similarity(feat_s[i])).pow(2).sum() / (b * b) for i, j in self.layer_pairs)
+        return sum((similarity(f_t) - similarity(f_s)).pow(2).sum() / (b * b)
+                   for f_s, f_t in self.paired_maps(feat_s, feat_t, match=False))

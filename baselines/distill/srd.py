@@ -21,12 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from osslbench.method import Batch, Method, MethodConfig, cross_entropy, kl_div_t
+from osslbench.distill import DistillConfig, Distiller
+from osslbench.method import Batch, cross_entropy, kl_div_t
 from osslbench.models.base import Net
 
 
 @dataclass
-class SRDConfig(MethodConfig):
+class SRDConfig(DistillConfig):
     """The authors' SRD settings (docs/srd.md, "The loss").
 
     :param gamma: cross-entropy weight on labelled images (1).
@@ -38,17 +39,9 @@ class SRDConfig(MethodConfig):
     :param temperature: temperature of the ``kl`` logit option and of the alpha KD term (4).
     """
 
-    gamma: float = 1.0
-    alpha: float = 0.0
     beta: float = 1.0
     w_feat: float = 1.0
     logit_loss: Literal["mse", "kl"] = "mse"
-    temperature: float = 4.0
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.temperature <= 0:  # the KL divides the logits by T
-            raise ValueError(f"temperature = {self.temperature} must be > 0")
 
 
 def connector(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -81,12 +74,10 @@ def srd_terms_pooled(f_s: Tensor, h_t: Tensor, student: Net, teacher: Net, g: nn
     return feat, logit
 
 
-class SRD(Method):
+class SRD(Distiller):
     name = "srd"
     description = "Semantic Representational Distillation (Yang et al., IJCV 2024): teacher classifier judges the student"
     Config = SRDConfig
-    needs_teacher = True
-    unlabelled_views = ("flip",)  # SRD paper: unlabelled images are resized to 32 and flipped, not cropped
     teacher_outputs = ("pooled", "logits")
     cfg: SRDConfig
 
@@ -106,5 +97,5 @@ class SRD(Method):
                "srd_feat": cfg.beta * cfg.w_feat * feat,
                "srd_logit": cfg.beta * logit}
         if cfg.alpha:
-            out["kd"] = cfg.alpha * kl_div_t(torch.cat([logits_lb, logits_ulb]), t["logits"], cfg.temperature)
+            out["kd"] = self.kd(torch.cat([logits_lb, logits_ulb]), t["logits"])
         return out

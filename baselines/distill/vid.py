@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from osslbench.distill import FeatureDistillConfig, FeatureDistiller, Shape, match_spatial
+from osslbench.distill import FeatureDistillConfig, FeatureDistiller, Shape
 
 
 @dataclass
@@ -52,7 +52,7 @@ class VIDRegressor(nn.Module):
         self.eps = eps
 
     def forward(self, f_s: Tensor, f_t: Tensor) -> Tensor:
-        f_s, f_t = match_spatial(f_s, f_t)
+        """The negative log-likelihood of ``f_t`` given ``f_s`` (maps of the same size), mean over all entries."""
         mu = self.mean(f_s).float()
         var = (F.softplus(self.log_scale.float()) + self.eps).view(1, -1, 1, 1)
         return (0.5 * ((mu - f_t.float()).pow(2) / var + var.log())).mean()
@@ -62,16 +62,12 @@ class VID(FeatureDistiller):
     name = "vid"
     description = "VID (Ahn et al. 2019): Gaussian likelihood of the teacher's maps given the student's, every stage"
     Config = VIDConfig
+    layers_key = "layers"
     cfg: VIDConfig
 
-    @classmethod
-    def check_shapes(cls, cfg: VIDConfig, s_shapes: list[Shape], t_shapes: list[Shape]) -> None:
-        cls.pairs("layers", cfg.layers, s_shapes, t_shapes)
-
     def build(self, s_shapes: list[Shape], t_shapes: list[Shape]) -> None:
-        self.layer_pairs = self.pairs("layers", self.cfg.layers, s_shapes, t_shapes)
         self.regressors = nn.ModuleList(VIDRegressor(s_shapes[i][0], t_shapes[j][0], self.cfg.init_var, self.cfg.eps)
                                         for i, j in self.layer_pairs)
 
     def distill(self, feat_s: list[Tensor], feat_t: list[Tensor]) -> Tensor:
-        return sum(r(feat_s[i], feat_t[j]) for r, (i, j) in zip(self.regressors, self.layer_pairs, strict=True))
+        return sum(r(f_s, f_t) for r, (f_s, f_t) in zip(self.regressors, self.paired_maps(feat_s, feat_t), strict=True))

@@ -17,9 +17,10 @@ restores them.
 
 Curriculum: at the start of every epoch after the warm-up, Otsu's threshold ``t`` of the domain labels of the
 WHOLE pool is computed and the images with ``y_i >= t`` (the high, in-distribution mode) are selected; MixMatch
-(:mod:`osslbench.baselines.mixmatch`) runs on them with the labelled batch. The selection is re-done from the
-whole pool every epoch, so an image rejected once can come back (docs/deviations.md, "Pitfalls"). The code's domain
-labels are ``1 - OOD score`` of the paper (the authors' note in ``train``): higher = in-distribution.
+(:mod:`osslbench.semisup`, as ``baselines/ssl/mixmatch.py`` runs it) trains on them with the labelled batch. The
+selection is re-done from the whole pool every epoch, so an image rejected once can come back (docs/deviations.md,
+"Pitfalls"). The code's domain labels are ``1 - OOD score`` of the paper (the authors' note in ``train``): higher =
+in-distribution.
 
     warm-up (``pre_epochs``):  L = L_d
     then:                      L = lambda_d * L_d + L_x + lambda_u * w(t) * L_u
@@ -52,7 +53,6 @@ Deviations (each for a reason of the harness):
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -60,18 +60,27 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from osslbench.baselines.ssl.mixmatch import linear_rampup, mix_batch, probability_mse, soft_cross_entropy
-from osslbench.method import Batch, Method, MethodConfig, PoolAccess, cross_entropy
+from osslbench.method import Batch, Method, PoolAccess, cross_entropy
 from osslbench.models.base import Net
-from osslbench.ood import otsu_threshold, pooled
+from osslbench.ood import otsu_select, pooled
+from osslbench.semisup import (
+    MIXMATCH_OPTIM,
+    MixMatchBaseConfig,
+    PoolSelection,
+    decoupled_weight_decay,
+    linear_rampup,
+    mix_batch,
+    mixmatch_terms,
+    scaled_epochs,
+)
 
 _AUTHORS_EPOCHS = 100 + 1024  # the authors' warm-up (--pre-epochs) + MixMatch epochs (--epochs)
 
 
 @dataclass
-class MTCConfig(MethodConfig):
+class MTCConfig(MixMatchBaseConfig):
     """MTC's settings (``train_multi.py``'s parser, ``dataset/cifar10.py``; the SRD authors' ``train_mtcr.py``
-    keeps them all).
+    keeps them all): MixMatch's (:class:`~osslbench.semisup.MixMatchBaseConfig`, the same values) and its own.
 
     :param mu: unlabelled images per labelled image, in the pool stream of ``L_d`` and in the selected stream of
         MixMatch (1: three loaders of batch 64, ``--batch-size``).
@@ -95,14 +104,6 @@ class MTCConfig(MethodConfig):
     :param bins: histogram bins of Otsu's threshold (256, ``skimage.filters.threshold_otsu``).
     """
 
-    mu: float = 1.0
-    ema_decay: float = 0.999
-    k: int = 2
-    temperature: float = 0.5
-    alpha: float = 0.75
-    lambda_u: float = 75.0
-    rampup_fraction: float = 16.0 / 1024.0
-    decoupled_wd: float = 0.02 * 0.002
     lambda_domain: float = 1.0
     pre_epochs: int = 100
     pre_epochs_fraction: float = 100 / _AUTHORS_EPOCHS
@@ -113,32 +114,12 @@ class MTCConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.k < 1 or self.temperature <= 0 or self.alpha <= 0:
-            raise ValueError("k must be >= 1, temperature and alpha > 0")
-        if not 0.0 <= self.rampup_fraction <= 1.0 or not 0.0 <= self.decoupled_wd < 1.0:
-            raise ValueError("rampup_fraction must be in [0, 1] and decoupled_wd in [0, 1)")
         if self.pre_epochs < 0 or not 0.0 <= self.pre_epochs_fraction <= 1.0:
             raise ValueError("pre_epochs must be >= 0 and pre_epochs_fraction in [0, 1]")
         if self.avg_epochs < 1 or not 0.0 < self.avg_epochs_fraction <= 1.0:
             raise ValueError("avg_epochs must be >= 1 and avg_epochs_fraction in (0, 1]")
         if not 0.0 <= self.start_label <= 1.0 or self.lambda_domain < 0:
             raise ValueError("start_label must be in [0, 1] and lambda_domain >= 0")
-
-
-def scaled_epochs(n: int, fraction: float, epochs: int) -> int:
-    """``min(n, ceil(fraction * epochs))``: an epoch count of the authors' schedule, shrunk for a shorter run."""
-    return min(n, math.ceil(fraction * epochs))
-
-
-def otsu_select(scores: Tensor, bins: int = 256) -> tuple[Tensor, float]:
-    """Positions with ``scores >= t`` and Otsu's threshold ``t`` (the authors' ``weights >= th``).
-
-    ``otsu_threshold`` puts ``t`` strictly between the two classes (compared in float64, where the midpoint of two
-    float32 values is exact), so this is its upper class; when all scores are equal everything is selected, as in
-    the authors' code.
-    """
-    t = otsu_threshold(scores, bins)
-    return (scores.double() >= t).nonzero().flatten(), t
 
 
 @contextlib.contextmanager
@@ -154,7 +135,7 @@ def frozen_bn_stats(module: nn.Module) -> Iterator[None]:
             m.track_running_stats = True
 
 
-class MTC(Method):
+class MTC(PoolSelection, Method):
     name = "mtc"
     description = "MTC (Yu et al. 2020): OOD head on self-refined domain labels; MixMatch on Otsu-selected inliers"
     Config = MTCConfig
@@ -162,8 +143,7 @@ class MTC(Method):
     padding_mode = "reflect"  # MixMatch-pytorch: pad(x, 4) in "reflect" mode before the random crop
     needs_unlabelled = True
     selected_views = ("weak", "weak")  # MixMatch's K weak views of the selected images; set from cfg.k
-    # MixMatch's optimiser (``--lr 0.002``, Adam, constant); weight decay is decoupled (after_step).
-    optim_defaults = {"name": "adam", "lr": 0.002, "weight_decay": 0.0, "schedule": "constant"}
+    optim_defaults = MIXMATCH_OPTIM  # MixMatch's (``--lr 0.002``, Adam, constant); weight decay decoupled (after_step)
     cfg: MTCConfig
 
     def __init__(self, cfg: MTCConfig, student: Net, teacher: Net | None = None, **kwargs: int) -> None:
@@ -175,7 +155,6 @@ class MTC(Method):
         # per pool image: the domain label y_i (1 = in-distribution) and the ring of the last avg_epochs predictions
         self.register_buffer("soft_labels", torch.full((self.pool_size,), float(cfg.start_label)))
         self.register_buffer("domain_history", torch.zeros(self.pool_size, cfg.avg_epochs))
-        self._selected: Tensor | None = None  # recomputed by every on_epoch_start
         self._main_phase = False  # set by losses(), read by after_step()
 
     # --- the OOD head ---------------------------------------------------------------------------
@@ -216,12 +195,9 @@ class MTC(Method):
         out = {"soft_label_mean": float(self.soft_labels.mean())}
         if pool.epoch < self.warmup_epochs(pool.epochs):
             return {"warmup": 1.0, **out}
-        self._selected, threshold = otsu_select(self.soft_labels, self.cfg.bins)  # re-selected from all of it
+        self._selected, threshold = otsu_select(self.soft_labels, self.cfg.bins, inclusive=True)  # from all of it
         return {"warmup": 0.0, "threshold": threshold, "selected": len(self._selected) / pool.size,
                 "selected_count": float(len(self._selected)), **out}
-
-    def selection(self) -> Tensor | None:
-        return self._selected
 
     def unlabelled_weight(self, batch: Batch) -> float:
         """``lambda_u * clip(progress of the MixMatch phase / rampup_fraction, 0, 1)``."""
@@ -242,9 +218,7 @@ class MTC(Method):
 
     def mix(self, batch: Batch) -> tuple[Tensor, Tensor]:
         """MixMatch's Algorithm 1 on [labelled | K views of the selected images], labelled rows first."""
-        cfg = self.cfg
-        return mix_batch(self.student, batch.x_lb, batch.y_lb, batch.x_sel, self.num_classes, cfg.temperature,
-                         cfg.alpha, batch.gen)
+        return mix_batch(self.student, batch.x_lb, batch.y_lb, batch.x_sel, self.num_classes, self.cfg, batch.gen)
 
     def losses(self, batch: Batch) -> dict[str, Tensor]:
         cfg, n = self.cfg, batch.x_lb.shape[0]
@@ -256,18 +230,13 @@ class MTC(Method):
         if not batch.x_sel:  # no selected stream (no unlabelled data): labelled cross-entropy only
             out["ce"] = cross_entropy(self.student(batch.x_lb), batch.y_lb)
             return out
-        x_mix, t_mix = self.mix(batch)
-        logits = self.student(x_mix)  # one forward over the whole mixed batch, as in mixmatch.py
+        out["ce"], unsup = mixmatch_terms(self.student, *self.mix(batch), n)
         w = self.unlabelled_weight(batch)
         self.record(unlabelled_weight=w)
-        out["ce"] = soft_cross_entropy(logits[:n], t_mix[:n])
-        out["unsup"] = w * probability_mse(logits[n:], t_mix[n:])
+        out["unsup"] = w * unsup
         return out
 
-    @torch.no_grad()
     def after_step(self) -> None:
         """Decoupled weight decay of the conv / linear weights (student and head), MixMatch phase only."""
-        if self._main_phase and self.cfg.decoupled_wd:
-            for p in self.parameters():
-                if p.ndim > 1:
-                    p.mul_(1.0 - self.cfg.decoupled_wd)
+        if self._main_phase:
+            decoupled_weight_decay(self, self.cfg.decoupled_wd)

@@ -26,18 +26,16 @@ OOD score: the OVA outlier probability of the closed-set predicted class (the au
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from osslbench.baselines.ssl.fixmatch import pseudo_labels
 from osslbench.ema import ema_update, warmup_decay
 from osslbench.method import Batch, Method, MethodConfig, PoolAccess, cross_entropy
 from osslbench.models.base import Net
 from osslbench.ood import ova_entropy, ova_head, ova_loss, ova_outlier_score, ova_probs, pooled
+from osslbench.semisup import FIXMATCH_OPTIM, PoolSelection, pseudo_label_loss, scaled_epochs
 
 
 @dataclass
@@ -83,11 +81,6 @@ class OpenMatchConfig(MethodConfig):
             raise ValueError(f"inlier_threshold = {self.inlier_threshold} must be in (0, 1]")
 
 
-def warmup_epochs(start_fix: int, fraction: float, epochs: int) -> int:
-    """Epochs before FixMatch starts: ``min(start_fix, ceil(fraction * epochs))`` (see ``start_fix_fraction``)."""
-    return min(start_fix, math.ceil(fraction * epochs))
-
-
 def socr_loss(logits_open_1: Tensor, logits_open_2: Tensor) -> Tensor:
     """Soft open-set consistency: squared difference of the OVA probabilities, summed over (in/out, class),
     mean over the batch (the authors' ``L_socr``)."""
@@ -99,7 +92,7 @@ def inliers(outlier_scores: Tensor, threshold: float) -> Tensor:
     return (outlier_scores < threshold).nonzero().flatten()
 
 
-class OpenMatch(Method):
+class OpenMatch(PoolSelection, Method):
     name = "openmatch"
     description = "OpenMatch (Saito et al. 2021): OVA heads + SOCR; FixMatch on the inliers, re-selected every epoch"
     Config = OpenMatchConfig
@@ -108,9 +101,7 @@ class OpenMatch(Method):
     padding_mode = "reflect"  # FixMatch-pytorch's RandomCrop(padding=4, padding_mode="reflect")
     needs_unlabelled = True
     selected_views = ("weak", "strong")  # FixMatch on the selected inliers (TransformFixMatch)
-    # The authors' parser (FixMatch's): SGD Nesterov lr 0.03, momentum 0.9, wd 5e-4 not on BN and biases, cosine.
-    optim_defaults = {"name": "sgd", "lr": 0.03, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4,
-                      "decay_bn_bias": False, "schedule": "cosine"}
+    optim_defaults = FIXMATCH_OPTIM  # the authors' parser (FixMatch's): SGD Nesterov lr 0.03, cosine
     cfg: OpenMatchConfig
 
     def __init__(self, cfg: OpenMatchConfig, student: Net, teacher: Net | None = None, **kwargs: int) -> None:
@@ -123,7 +114,6 @@ class OpenMatch(Method):
         if cfg.ema_decay:
             self.select_model = copy.deepcopy(nn.ModuleDict({"student": student, "ova": self.ova})).requires_grad_(False)
             self.register_buffer("select_updates", torch.zeros((), dtype=torch.long))
-        self._selected: Tensor | None = None  # recomputed from the weights by every on_epoch_start
 
     def heads(self, x: Tensor, select: bool = False) -> tuple[Tensor, Tensor]:
         """Closed-set logits and OVA logits (``B x 2K``) of the trained weights, or of the selection model."""
@@ -156,14 +146,11 @@ class OpenMatch(Method):
 
     def on_epoch_start(self, pool: PoolAccess) -> dict[str, float]:
         self._selected = None
-        if pool.epoch < warmup_epochs(self.cfg.start_fix, self.cfg.start_fix_fraction, pool.epochs):
+        if pool.epoch < scaled_epochs(self.cfg.start_fix, self.cfg.start_fix_fraction, pool.epochs):
             return {}
         scores = pool.map(lambda x: self.outlier_score(x, select=True))  # the WHOLE pool, every epoch
         self._selected = inliers(scores, self.cfg.inlier_threshold)
         return {"selected": len(self._selected) / max(1, pool.size)}
-
-    def selection(self) -> Tensor | None:
-        return self._selected
 
     def losses(self, batch: Batch) -> dict[str, Tensor]:
         # One forward over both labelled views and both unlabelled views (the authors' ``inputs``); CE and OVA
@@ -179,7 +166,7 @@ class OpenMatch(Method):
                "socr": cfg.lambda_socr * socr_loss(open_u1, open_u2)}
         if batch.x_sel:  # only after the warm-up, and only when something was selected
             logits_w, logits_s = self.student(torch.cat(batch.x_sel)).chunk(2)
-            targets, mask = pseudo_labels(logits_w, cfg.threshold, cfg.temperature)
-            out["fix"] = cfg.lambda_fix * (F.cross_entropy(logits_s.float(), targets, reduction="none") * mask).mean()
+            fix, mask = pseudo_label_loss(logits_s, cfg.threshold, cfg.temperature, target_logits=logits_w)
+            out["fix"] = cfg.lambda_fix * fix
             self.record(mask_rate=mask.mean())
         return out

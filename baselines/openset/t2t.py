@@ -53,8 +53,9 @@ from torch import Tensor, nn
 from osslbench.data.augment import rotate90
 from osslbench.method import Batch, Method, MethodConfig, PoolAccess, cross_entropy
 from osslbench.models.base import Net
-from osslbench.ood import otsu_threshold, pooled
+from osslbench.ood import otsu_select, pooled
 from osslbench.protocol import OptimConfig, lr_factor
+from osslbench.semisup import FIXMATCH_OPTIM, PoolSelection, linear_ramp
 
 
 @dataclass
@@ -114,13 +115,6 @@ class T2TConfig(MethodConfig):
 def stage2_start(stage1: float, epochs: int) -> int:
     """First epoch of stage 2: ``stage1 * epochs`` rounded half up (Python's ``round`` would round 2.5 to 2)."""
     return math.floor(stage1 * epochs + 0.5)
-
-
-def linear_ramp(step: int, start: int, length: float) -> float:
-    """0 before ``start``, then linear from 0 to 1 over ``length`` steps, then 1 (1 at once when ``length <= 0``)."""
-    if step < start:
-        return 0.0
-    return 1.0 if length <= 0 else min(1.0, (step - start) / length)
 
 
 class CrossModalMatchingHead(nn.Module):
@@ -189,23 +183,16 @@ def uda_consistency(logits_w: Tensor, logits_s: Tensor, temperature: float, p_cu
     return F.kl_div(F.log_softmax(logits_s[mask].float(), dim=1), target, reduction="batchmean"), mask.float()
 
 
-def select_above(scores: Tensor, bins: int = 256) -> tuple[Tensor, float]:
-    """Positions of the scores above Otsu's threshold (compared in float64, as the threshold is computed) and it."""
-    threshold = otsu_threshold(scores, bins)
-    return (scores.detach().cpu().double() > threshold).nonzero().flatten(), threshold
-
-
-class T2T(Method):
+class T2T(PoolSelection, Method):
     name = "t2t"
     description = "T2T (Huang et al. 2021): cross-modal matching + rotation; UDA on Otsu-selected inliers (stage 2)"
     Config = T2TConfig
     unlabelled_views = ("weak",)  # rotation task and unlabelled matching (the authors' labelled transform)
     needs_unlabelled = True
     selected_views = ("weak", "strong")  # UDA's consistency between a weak and a STRONG view
-    # Both scripts' optimiser: SGD Nesterov, momentum 0.9, weight decay 5e-4 on EVERY parameter
-    # (``optim.SGD(grouped_parameters, ...)``, no BN/bias exclusion); lr 0.03 is stage 2's (``lr_schedule``).
-    optim_defaults = {"name": "sgd", "lr": 0.03, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4,
-                      "decay_bn_bias": True, "schedule": "cosine"}
+    # Both scripts' optimiser: FixMatch's (SGD Nesterov, momentum 0.9, weight decay 5e-4), but the decay on EVERY
+    # parameter (``optim.SGD(grouped_parameters, ...)``, no BN/bias exclusion); lr 0.03 is stage 2's (``lr_schedule``).
+    optim_defaults = {**FIXMATCH_OPTIM, "decay_bn_bias": True}
     cfg: T2TConfig
 
     def __init__(self, cfg: T2TConfig, student: Net, teacher: Net | None = None, **kwargs: int) -> None:
@@ -215,7 +202,6 @@ class T2T(Method):
         c = student.classifier.in_features
         self.cmm = CrossModalMatchingHead(self.num_classes, c, cfg.embed_dim)
         self.rot = nn.Linear(c, 4)
-        self._selected: Tensor | None = None  # recomputed from the weights by every on_epoch_start
 
     def matching_logit(self, x: Tensor) -> Tensor:
         """``m(h, predicted class)``: the matching logit of each image with its predicted class."""
@@ -236,11 +222,8 @@ class T2T(Method):
         if pool.epoch < stage2_start(self.cfg.stage1, pool.epochs) or pool.size == 0:
             return {"stage": 1.0}
         scores = pool.map(self.matching_score)  # the WHOLE pool, every epoch
-        self._selected, threshold = select_above(scores, self.cfg.bins)
+        self._selected, threshold = otsu_select(scores, self.cfg.bins, inclusive=False)  # the authors' s > thresh
         return {"stage": 2.0, "threshold": threshold, "selected": len(self._selected) / pool.size}
-
-    def selection(self) -> Tensor | None:
-        return self._selected
 
     def lr_schedule(self, optim: OptimConfig, epochs: int, steps_per_epoch: int) -> Callable[[int], float]:
         """Stage 1: ``stage1_lr`` with its step decays; stage 2: ``optim.lr`` with ``optim.schedule`` (cosine)

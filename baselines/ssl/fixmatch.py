@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from osslbench.method import Batch, Method, MethodConfig, cross_entropy
+from osslbench.semisup import FIXMATCH_OPTIM, pseudo_label_loss
 
 
 @dataclass
@@ -34,13 +34,6 @@ class FixMatchConfig(MethodConfig):
     temperature: float = 1.0
 
 
-def pseudo_labels(logits_weak: Tensor, threshold: float, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
-    """Hard targets and the 0/1 mask of samples whose max probability reaches ``threshold``."""
-    probs = torch.softmax(logits_weak.detach().float() / temperature, dim=1)
-    confidence, targets = probs.max(dim=1)
-    return targets, (confidence >= threshold).float()
-
-
 class FixMatch(Method):
     name = "fixmatch"
     description = "FixMatch (Sohn et al. 2020): confident weak-view pseudo-labels train the strong view"
@@ -48,9 +41,7 @@ class FixMatch(Method):
     unlabelled_views = ("weak", "strong")
     padding_mode = "reflect"  # FixMatch-pytorch: RandomCrop(32, padding=4, padding_mode="reflect")
     needs_unlabelled = True
-    # SGD Nesterov lr 0.03, cosine decay, weight decay 5e-4 not applied to BN and biases.
-    optim_defaults = {"name": "sgd", "lr": 0.03, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4,
-                      "decay_bn_bias": False, "schedule": "cosine"}
+    optim_defaults = FIXMATCH_OPTIM  # SGD Nesterov lr 0.03, cosine decay, weight decay 5e-4 not on BN and biases
     cfg: FixMatchConfig
 
     def losses(self, batch: Batch) -> dict[str, Tensor]:
@@ -58,7 +49,6 @@ class FixMatch(Method):
         logits = self.student(torch.cat([batch.x_lb, *batch.x_ulb]))
         logits_lb = logits[:n]
         logits_w, logits_s = logits[n:].chunk(2)
-        targets, mask = pseudo_labels(logits_w, self.cfg.threshold, self.cfg.temperature)
-        unsup = (F.cross_entropy(logits_s.float(), targets, reduction="none") * mask).mean()
+        unsup, mask = pseudo_label_loss(logits_s, self.cfg.threshold, self.cfg.temperature, target_logits=logits_w)
         self.record(mask_rate=mask.mean())
         return {"ce": cross_entropy(logits_lb, batch.y_lb), "unsup": self.cfg.lambda_u * unsup}

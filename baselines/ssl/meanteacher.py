@@ -15,7 +15,6 @@ weights are averaged once, not twice.
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,37 +23,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from osslbench.ema import ema_update, warmup_decay
-from osslbench.method import Batch, Method, MethodConfig, cross_entropy
+from osslbench.method import Batch, Method, cross_entropy
 from osslbench.models.base import Net
 from osslbench.ood import pooled
-
-
-def sigmoid_rampup(current: float, length: float) -> float:
-    """``exp(-5 (1 - t / L)^2)`` for ``t < L``, else 1 (Laine & Aila 2017, "Temporal Ensembling", Sec. 3.1).
-
-    The ramp of Tarvainen's Mean Teacher code and of the SRD authors' PseudoLabel / MeanTeacher scripts
-    (``exp_rampup``); ``current`` and ``length`` in the same unit (epochs here, fractional).
-    """
-    if length <= 0:
-        return 1.0
-    t = min(max(current, 0.0), length)
-    phase = 1.0 - t / length
-    return math.exp(-5.0 * phase * phase)
-
-
-def ramp_length(ramp_epochs: float, ramp_fraction: float, epochs: int) -> float:
-    """Epochs a ramp-up lasts: ``min(ramp_epochs, ramp_fraction * epochs)``.
-
-    At the paper's scale (240 epochs, ``ramp_fraction`` = 30 / 240) this is the authors' 30 epochs; a
-    shorter run (a mini scale, a test) ramps over the same fraction of its training instead of never
-    reaching full weight.
-    """
-    return min(ramp_epochs, ramp_fraction * epochs)
-
-
-def epoch_position(batch: Batch) -> float:
-    """The current position in epochs, fractional (``step / steps_per_epoch``)."""
-    return batch.step / batch.steps_per_epoch
+from osslbench.semisup import SRD_SSL_OPTIM, SigmoidRampConfig, sigmoid_ramp
 
 
 def softmax_mse(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
@@ -63,7 +35,7 @@ def softmax_mse(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
 
 
 @dataclass
-class MeanTeacherConfig(MethodConfig):
+class MeanTeacherConfig(SigmoidRampConfig):
     """Mean Teacher as the SRD authors ran it (``train_meanteacher.py``; docs/baselines.md), defects fixed.
 
     :param mu: unlabelled images per labelled image (1: 100 + 100 in the authors' script).
@@ -77,7 +49,7 @@ class MeanTeacherConfig(MethodConfig):
     :param consistency: maximum weight of the consistency cost (30, the authors' script).
     :param ramp_epochs: epochs of the sigmoid ramp-up of the consistency weight (30, the authors' script).
     :param ramp_fraction: cap of the ramp as a fraction of training (30 / 240: the 30 epochs on the paper's
-        240-epoch schedule; see :func:`ramp_length`).
+        240-epoch schedule; see :func:`osslbench.semisup.ramp_length`).
     """
 
     mu: float = 1.0
@@ -85,8 +57,6 @@ class MeanTeacherConfig(MethodConfig):
     ema_teacher: float = 0.999
     ema_warmup: bool = True
     consistency: float = 30.0
-    ramp_epochs: float = 30.0
-    ramp_fraction: float = 30.0 / 240.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -94,8 +64,6 @@ class MeanTeacherConfig(MethodConfig):
             raise ValueError("meanteacher evaluates its EMA teacher; set ema_teacher, not ema_decay (no double averaging)")
         if not 0.0 <= self.ema_teacher < 1.0:
             raise ValueError(f"ema_teacher = {self.ema_teacher} must be in [0, 1)")
-        if self.ramp_epochs < 0 or not 0.0 < self.ramp_fraction <= 1.0:
-            raise ValueError("ramp_epochs must be >= 0 and ramp_fraction in (0, 1]")
 
 
 class MeanTeacher(Method):
@@ -104,10 +72,7 @@ class MeanTeacher(Method):
     Config = MeanTeacherConfig
     unlabelled_views = ("weak", "weak")
     needs_unlabelled = True
-    # The authors' script: SGD Nesterov lr 0.1, momentum 0.9, weight decay 5e-4, CosineAnnealingLR(T_max=epochs,
-    # eta_min=1e-4) stepped per epoch (train_pseudolabel.py / train_meanteacher.py), not FixMatch's 7/16 cosine.
-    optim_defaults = {"name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4,
-                      "schedule": "cosine_annealing", "lr_min": 1e-4}
+    optim_defaults = SRD_SSL_OPTIM  # the authors' script: SGD Nesterov lr 0.1, CosineAnnealingLR to 1e-4 per epoch
     cfg: MeanTeacherConfig
 
     def __init__(self, cfg: MeanTeacherConfig, student: Net, teacher: Net | None = None, **kwargs: int) -> None:
@@ -118,8 +83,7 @@ class MeanTeacher(Method):
 
     def consistency_weight(self, batch: Batch) -> float:
         """``consistency * sigmoid_rampup(epoch position, ramp length)``."""
-        ramp = ramp_length(self.cfg.ramp_epochs, self.cfg.ramp_fraction, batch.epochs)
-        return self.cfg.consistency * sigmoid_rampup(epoch_position(batch), ramp)
+        return self.cfg.consistency * sigmoid_ramp(self.cfg, batch)
 
     def losses(self, batch: Batch) -> dict[str, Tensor]:
         logits_lb, logits_ulb = self.forward_student(batch, view=0)

@@ -8,23 +8,21 @@ PROBABILITY reaches a threshold are kept (Oliver et al. 2018):
     L = CE(z, y)  [labelled]  +  lambda_u * w(t) * mean_u( 1[max p(u) >= tau] * CE(z(u), argmax p(u)) )
 
 with ``w(t)`` the sigmoid ramp of Laine & Aila 2017 (as in Oliver et al.'s code and the SRD authors'
-``train_pseudolabel.py``) over ``ramp_length(...)`` epochs (see ``baselines/meanteacher.py``).
+``train_pseudolabel.py``) over ``ramp_length(...)`` epochs (:mod:`osslbench.semisup`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from osslbench.baselines.ssl.meanteacher import epoch_position, ramp_length, sigmoid_rampup
-from osslbench.method import Batch, Method, MethodConfig, cross_entropy
+from osslbench.method import Batch, Method, cross_entropy
+from osslbench.semisup import SRD_SSL_OPTIM, SigmoidRampConfig, pseudo_label_loss, sigmoid_ramp
 
 
 @dataclass
-class PseudoLabelConfig(MethodConfig):
+class PseudoLabelConfig(SigmoidRampConfig):
     """PseudoLabel as the SRD authors ran it (``train_pseudolabel.py``; docs/baselines.md), defects fixed.
 
     :param mu: unlabelled images per labelled image (1: 100 + 100 in the authors' script).
@@ -33,35 +31,17 @@ class PseudoLabelConfig(MethodConfig):
         fixed here; Oliver et al. 2018 use 0.95).
     :param lambda_u: maximum weight of the unlabelled loss (1: the authors' script).
     :param ramp_epochs: epochs of the sigmoid ramp-up of the unlabelled weight (30: the authors' script).
-    :param ramp_fraction: cap of the ramp as a fraction of training (30 / 240: the 30 epochs on the paper's
-        240-epoch schedule; a shorter run ramps over the same fraction of its training).
+    :param ramp_fraction: cap of the ramp as a fraction of training (30 / 240).
     """
 
     mu: float = 1.0
     threshold: float = 0.0
     lambda_u: float = 1.0
-    ramp_epochs: float = 30.0
-    ramp_fraction: float = 30.0 / 240.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"threshold = {self.threshold} is a probability, must be in [0, 1]")
-        if self.ramp_epochs < 0 or not 0.0 < self.ramp_fraction <= 1.0:
-            raise ValueError("ramp_epochs must be >= 0 and ramp_fraction in (0, 1]")
-
-
-def hard_pseudo_labels(logits: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
-    """Argmax targets and the 0/1 mask of samples whose max softmax PROBABILITY is >= ``threshold``."""
-    probs = torch.softmax(logits.detach().float(), dim=1)
-    confidence, targets = probs.max(dim=1)
-    return targets, (confidence >= threshold).float()
-
-
-def pseudo_label_loss(logits: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
-    """``mean_u(mask * CE(z(u), argmax p(u)))`` (mean over all unlabelled samples) and the mask."""
-    targets, mask = hard_pseudo_labels(logits, threshold)
-    return (F.cross_entropy(logits.float(), targets, reduction="none") * mask).mean(), mask
 
 
 class PseudoLabel(Method):
@@ -70,16 +50,12 @@ class PseudoLabel(Method):
     Config = PseudoLabelConfig
     unlabelled_views = ("weak",)
     needs_unlabelled = True
-    # The authors' script: SGD Nesterov lr 0.1, momentum 0.9, weight decay 5e-4, CosineAnnealingLR(T_max=epochs,
-    # eta_min=1e-4) stepped per epoch (train_pseudolabel.py / train_meanteacher.py), not FixMatch's 7/16 cosine.
-    optim_defaults = {"name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4,
-                      "schedule": "cosine_annealing", "lr_min": 1e-4}
+    optim_defaults = SRD_SSL_OPTIM  # the authors' script: SGD Nesterov lr 0.1, CosineAnnealingLR to 1e-4 per epoch
     cfg: PseudoLabelConfig
 
     def unlabelled_weight(self, batch: Batch) -> float:
         """``lambda_u * sigmoid_rampup(epoch position, ramp length)``."""
-        ramp = ramp_length(self.cfg.ramp_epochs, self.cfg.ramp_fraction, batch.epochs)
-        return self.cfg.lambda_u * sigmoid_rampup(epoch_position(batch), ramp)
+        return self.cfg.lambda_u * sigmoid_ramp(self.cfg, batch)
 
     def losses(self, batch: Batch) -> dict[str, Tensor]:
         logits_lb, logits_ulb = self.forward_student(batch)

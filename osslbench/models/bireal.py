@@ -112,6 +112,12 @@ class BiRealResNet(Net):
         f3 = self.layer3(f2)
         return [f0, f1, f2, f3]
 
+    def forward_preact(self, x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """No ReLU ends any of these maps (Bi-Real's shortcuts carry real values; the sign is taken inside each unit),
+        so each map is its own pre-activation."""
+        feats = self.forward_features(x)
+        return feats, feats
+
 
 @register_model("resnet8x4-bireal", "ResNet-8x4 with binary weights and activations (Bi-Real Net, Liu et al. 2018), "
                 "student only", teacher=False)
