@@ -28,6 +28,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .data.dataset import load_run_data, make_splits
+from .device import pick_device, seeded_init
 from .errors import OsslbenchError
 from .hardware import describe
 from .method import Batch, Method
@@ -36,7 +37,7 @@ from .models.checkpoint import load_state
 from .protocol import Protocol
 from .reference_pipeline import reference_batches, reference_data, reference_step
 from .registry import get_method, method_config
-from .trainer import Schedule, Trainer, make_optimizer, pick_device, seeded_init
+from .trainer import Schedule, Trainer, make_optimizer
 
 SHARES = ("data", "teacher", "student", "loss")
 
@@ -138,7 +139,7 @@ class StepClock:
 
     def report(self, flops: float, precision: str) -> dict:
         total = self.totals["step"]
-        return {"images": self.images, "steps": self.steps, "seconds": round(total, 3),
+        return {"images": self.images, "steps": self.steps, "seconds": round(total, 6),
                 "img_per_s": round(self.images / total, 2), "step_s": round(total / self.steps, 4),
                 "shares": {k: round(self.totals[k] / total, 4) for k in SHARES}, "precision": precision,
                 "gflop_per_step": round(flops / 1e9, 3),

@@ -11,12 +11,13 @@ import torch
 from osslbench.config import parse_overrides
 from osslbench.data.dataset import load_run_data, make_splits
 from osslbench.data.pipeline import view as pipeline_view
+from osslbench.device import seeded_init
 from osslbench.models import build_model
 from osslbench.protocol import load_protocol
 from osslbench.registry import get_method, method_config
 from osslbench.runner import RunOptions, run_one
 from osslbench.teacher_cache import cache_bytes, flip_mask
-from osslbench.trainer import Schedule, Trainer, seeded_init
+from osslbench.trainer import Schedule, Trainer
 
 # digits with the flip on, so that both cached entries of an image are used
 FLIP = ["data.flip=true", "train.epochs=2", "train.teacher_epochs=1", "train.iters_per_epoch=3", "train.last_k=1"]
