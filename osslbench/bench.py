@@ -34,10 +34,11 @@ from .hardware import describe
 from .method import Batch, Method
 from .models import build_model
 from .models.checkpoint import load_state
+from .optim import Schedule, make_optimizer
 from .protocol import Protocol
 from .reference_pipeline import reference_batches, reference_data, reference_step
 from .registry import get_method, method_config
-from .trainer import Schedule, Trainer, make_optimizer
+from .trainer import Trainer
 
 SHARES = ("data", "teacher", "student", "loss")
 
@@ -191,7 +192,7 @@ def run_bench(protocol: Protocol, method_name: str, opts: BenchOptions) -> dict:
     method = _build(protocol, method_name, data, opts.teacher, opts.seed)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(method, data, schedule, Path(tmp), "bench", device, progress=False)
-        cache = trainer.setup_teacher_cache()
+        cache = trainer.use_teacher_cache()
         precision = trainer.precision
         method.train()
         clock = StepClock(method, device)

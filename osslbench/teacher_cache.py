@@ -27,11 +27,15 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from .models.base import Net
+
+if TYPE_CHECKING:
+    from .trainer import Trainer
 
 #: what a method may ask the teacher-output cache to store (see the module docstring)
 OUTPUTS = ("logits", "pooled", "final_map")
@@ -165,3 +169,52 @@ def verify(cache: TeacherCache, live: Callable[[Tensor, Tensor], dict[str, Tenso
                         else float("inf"))
             worst = worst or float("nan")
     return None if worst == 0.0 else worst
+
+
+def cache_applies(trainer: Trainer) -> str:
+    """Empty when the teacher-output cache can serve ``trainer``'s run, else why not."""
+    m = trainer.method
+    if not trainer.s.train.teacher_cache:
+        return "off (train.teacher_cache = false)"
+    if m._teacher.module is None or not m.teacher_outputs:
+        return "n/a (the method reads no teacher outputs through teacher_on)"
+    if not trainer.pipeline.unlabelled or m.unlabelled_views[:1] != ("flip",):
+        return "n/a (the method's first unlabelled view is not 'flip')"
+    return ""
+
+
+def attach_teacher_cache(trainer: Trainer) -> tuple[TeacherCache | None, dict]:
+    """Build or memory-map the cache of ``trainer``'s run where it applies and check it bitwise against the live
+    forward pass on a batch of the training shape: the cache to serve (None: the teacher runs live) and its record
+    for ``result.json`` (``kernels.teacher_cache``)."""
+    why = cache_applies(trainer)
+    if why:
+        return None, {"used": False, "why": why}
+    t, m, d, tc = trainer, trainer.method, trainer.data, trainer.s.train
+    names = tuple(m.teacher_outputs)
+    chunk = max(2, min(tc.eval_batch_size, len(d.unlabelled_x)))
+    probe = t.autocast()
+    precision = f"autocast-{probe.fast_dtype}" if isinstance(probe, torch.autocast) else "fp32"
+    context = {"mean": tuple(d.mean), "std": tuple(d.std), "precision": precision, "device": t.device.type,
+               "memory_format": str(t.memory_format), "threads": torch.get_num_threads(), "chunk": chunk}
+    key = cache_key(m.teacher, d.unlabelled_x, names, context)
+    cache = build_teacher_cache(m.teacher, d.unlabelled_x, names, t.prepare, t.autocast, chunk, key, t.cache_dir)
+    # the live path's shape: labelled + unlabelled images through the teacher in one pass
+    n = min(t.pipeline.unlabelled, len(d.unlabelled_x))
+    idx = torch.arange(n)
+    flips = torch.arange(n) % 2 == 1
+    x_lb = t.prepare(d.labelled_x[: tc.batch_size])
+
+    def live(i: Tensor, f: Tensor) -> dict[str, Tensor]:
+        raw = d.unlabelled_x[i]
+        x_u = t.prepare(torch.where(f[:, None, None, None], raw.flip(-1), raw))
+        with torch.no_grad(), t.autocast():
+            out = teacher_outputs(m.teacher, torch.cat([x_lb, x_u]), names)
+        return {k: v[len(x_lb):] for k, v in out.items()}
+
+    diff = verify(cache, live, idx, flips, t.device)
+    record = {"used": diff is None, "outputs": list(names), "MiB": round(cache.nbytes / 2**20, 2),
+              "build_s": round(cache.build_s, 2), "loaded": cache.loaded, "key": key}
+    if diff is not None:
+        record["why"] = f"off (cached rows differ from the live forward pass by up to {diff:.3g} on this device)"
+    return (cache if diff is None else None), record

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,32 +28,11 @@ from .fsio import atomic_write, atomic_write_text
 from .hardware import describe, use_bf16
 from .method import Batch, Method, PoolAccess
 from .models.checkpoint import safe_load
-from .protocol import OptimConfig, TrainConfig
-from .teacher_cache import TeacherCache, build_teacher_cache, cache_key, teacher_outputs, verify
+from .optim import Schedule, make_optimizer
+from .teacher_cache import TeacherCache, attach_teacher_cache
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
-
-
-def make_optimizer(params: list[tuple[str, torch.nn.Parameter]], cfg: OptimConfig) -> torch.optim.Optimizer:
-    """SGD or Adam; with ``decay_bn_bias = false`` no weight decay on 1-d parameters (BN, biases)."""
-    decay = [p for n, p in params if cfg.decay_bn_bias or p.ndim > 1]
-    no_decay = [p for n, p in params if not cfg.decay_bn_bias and p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
-    if cfg.name == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr)
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
-
-
-@dataclass
-class Schedule:
-    """The schedule of one training run (student or teacher)."""
-
-    epochs: int
-    train: TrainConfig
-    optim: OptimConfig
-    seed: int
 
 
 class Trainer:
@@ -105,60 +83,14 @@ class Trainer:
                 batch.teacher_ulb = self.teacher_cache.lookup(batch.idx_ulb, batch.flips_ulb[0], self.device)
             yield batch
 
+    def use_teacher_cache(self) -> dict:
+        """Serve the teacher's outputs on the pool from the cache where it applies (``osslbench.teacher_cache``)."""
+        self.teacher_cache, self.kernels["teacher_cache"] = attach_teacher_cache(self)
+        return self.kernels["teacher_cache"]
+
     def pool_map(self, fn: Callable[[Tensor], Tensor]) -> Tensor:
         """``fn`` over the whole unlabelled pool, in eval mode and without gradients (epoch hooks)."""
         return self.pipeline.pool_map(self.method, fn, self.s.train.eval_batch_size, self.autocast)
-
-    # --- teacher-output cache (osslbench/teacher_cache.py) -------------------------------------
-    def cache_applies(self) -> str:
-        """Empty when the teacher-output cache can serve this run, else why not."""
-        m = self.method
-        if not self.s.train.teacher_cache:
-            return "off (train.teacher_cache = false)"
-        if m._teacher.module is None or not m.teacher_outputs:
-            return "n/a (the method reads no teacher outputs through teacher_on)"
-        if not self.pipeline.unlabelled or m.unlabelled_views[:1] != ("flip",):
-            return "n/a (the method's first unlabelled view is not 'flip')"
-        return ""
-
-    def setup_teacher_cache(self) -> dict:
-        """Build or memory-map the teacher-output cache when it applies and check it bitwise against the live
-        forward pass on a batch of the training shape; the record (kept in ``kernels``)."""
-        why = self.cache_applies()
-        if why:
-            self.kernels["teacher_cache"] = {"used": False, "why": why}
-            return self.kernels["teacher_cache"]
-        m, d, tc = self.method, self.data, self.s.train
-        names = tuple(m.teacher_outputs)
-        chunk = max(2, min(tc.eval_batch_size, len(d.unlabelled_x)))
-        probe = self.autocast()
-        precision = f"autocast-{probe.fast_dtype}" if isinstance(probe, torch.autocast) else "fp32"
-        context = {"mean": tuple(d.mean), "std": tuple(d.std), "precision": precision, "device": self.device.type,
-                   "memory_format": str(self.memory_format), "threads": torch.get_num_threads(), "chunk": chunk}
-        key = cache_key(m.teacher, d.unlabelled_x, names, context)
-        cache = build_teacher_cache(m.teacher, d.unlabelled_x, names, self.prepare, self.autocast, chunk, key,
-                                    self.cache_dir)
-        # the live path's shape: labelled + unlabelled images through the teacher in one pass
-        n = min(self.pipeline.unlabelled, len(d.unlabelled_x))
-        idx = torch.arange(n)
-        flips = torch.arange(n) % 2 == 1
-        x_lb = self.prepare(d.labelled_x[: tc.batch_size])
-
-        def live(i: Tensor, f: Tensor) -> dict[str, Tensor]:
-            raw = d.unlabelled_x[i]
-            x_u = self.prepare(torch.where(f[:, None, None, None], raw.flip(-1), raw))
-            with torch.no_grad(), self.autocast():
-                out = teacher_outputs(m.teacher, torch.cat([x_lb, x_u]), names)
-            return {k: v[len(x_lb):] for k, v in out.items()}
-
-        diff = verify(cache, live, idx, flips, self.device)
-        record = {"used": diff is None, "outputs": list(names), "MiB": round(cache.nbytes / 2**20, 2),
-                  "build_s": round(cache.build_s, 2), "loaded": cache.loaded, "key": key}
-        if diff is not None:
-            record["why"] = f"off (cached rows differ from the live forward pass by up to {diff:.3g} on this device)"
-        self.teacher_cache = cache if diff is None else None
-        self.kernels["teacher_cache"] = record
-        return record
 
     # --- checkpoints --------------------------------------------------------------------------
     def save(self, epoch: int) -> None:
@@ -252,7 +184,7 @@ class Trainer:
         start = self.resume()
         epochs, tc = self.epochs, self.s.train
         if "teacher_cache" not in self.kernels:
-            self.setup_teacher_cache()
+            self.use_teacher_cache()
         self.method.train()
         for epoch in range(start, epochs if stop_after is None else min(epochs, stop_after)):
             t0 = time.perf_counter()

@@ -51,7 +51,7 @@ def _trainer(tmp_path: Path, method: str, overrides: list[str], cache_dir: Path 
                                                   ("srd", ["train.amp=true"]), ("kd", ["train.amp=true"])])
 def test_losses_are_bitwise_equal_with_and_without_the_cache(tmp_path, method, overrides):
     tr = _trainer(tmp_path, method, overrides)
-    record = tr.setup_teacher_cache()
+    record = tr.use_teacher_cache()
     assert record["used"], record
     assert record["outputs"] == list(tr.method.teacher_outputs)
     flipped_seen = set()
@@ -85,23 +85,23 @@ def test_flip_mask_records_the_mirrored_images(tmp_path):
 
 def test_cache_is_memory_mapped_and_keyed(tmp_path):
     cache_dir = tmp_path / "teacher-cache"
-    first = _trainer(tmp_path, "srd", [], cache_dir).setup_teacher_cache()
+    first = _trainer(tmp_path, "srd", [], cache_dir).use_teacher_cache()
     assert not first["loaded"] and (cache_dir / f"{first['key']}.pt").exists()
     again = _trainer(tmp_path, "srd", [], cache_dir)
-    second = again.setup_teacher_cache()
+    second = again.use_teacher_cache()
     assert second["loaded"] and second["key"] == first["key"]
     channels = again.method.teacher.feature_channels[-1]
     assert again.teacher_cache.outputs["pooled"].shape == (2, len(again.data.unlabelled_x), channels)
-    other = _trainer(tmp_path, "srd", ["method.srd.alpha=0.5"], cache_dir).setup_teacher_cache()
+    other = _trainer(tmp_path, "srd", ["method.srd.alpha=0.5"], cache_dir).use_teacher_cache()
     assert other["key"] != first["key"]  # other outputs stored: another file
 
 
 def test_cache_does_not_apply_or_is_switched_off(tmp_path):
-    assert not _trainer(tmp_path, "srd", ["train.teacher_cache=false"]).setup_teacher_cache()["used"]
+    assert not _trainer(tmp_path, "srd", ["train.teacher_cache=false"]).use_teacher_cache()["used"]
     cropped = _trainer(tmp_path, "kd", [])
     cropped.method.unlabelled_views = ("weak",)  # a distiller whose unlabelled view is a random crop
-    assert "not 'flip'" in cropped.setup_teacher_cache()["why"] and cropped.teacher_cache is None
-    assert "no teacher outputs" in _trainer(tmp_path, "fixmatch", []).setup_teacher_cache()["why"]
+    assert "not 'flip'" in cropped.use_teacher_cache()["why"] and cropped.teacher_cache is None
+    assert "no teacher outputs" in _trainer(tmp_path, "fixmatch", []).use_teacher_cache()["why"]
 
 
 def test_smoke_run_metrics_equal_with_and_without_the_cache(tmp_path):
