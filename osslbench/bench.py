@@ -192,7 +192,7 @@ def run_bench(protocol: Protocol, method_name: str, opts: BenchOptions) -> dict:
     method = _build(protocol, method_name, data, opts.teacher, opts.seed)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(method, data, schedule, Path(tmp), "bench", device, progress=False)
-        cache = trainer.use_teacher_cache()
+        cache = trainer.use_teacher_cache(force=True)  # the steady state of a long run
         precision = trainer.precision
         method.train()
         clock = StepClock(method, device)

@@ -171,8 +171,13 @@ def verify(cache: TeacherCache, live: Callable[[Tensor, Tensor], dict[str, Tenso
     return None if worst == 0.0 else worst
 
 
-def cache_applies(trainer: Trainer) -> str:
-    """Empty when the teacher-output cache can serve ``trainer``'s run, else why not."""
+def cache_applies(trainer: Trainer, force: bool = False) -> str:
+    """Empty when the teacher-output cache can serve ``trainer``'s run, else why not.
+
+    Unless ``force`` (``osslbench bench`` times the steady state), the cache is built only where it pays off:
+    building it costs two teacher forwards per pool image (both flips); a run that feeds the teacher fewer
+    unlabelled images than that (a smoke run on a large pool) runs it live.
+    """
     m = trainer.method
     if not trainer.s.train.teacher_cache:
         return "off (train.teacher_cache = false)"
@@ -180,14 +185,17 @@ def cache_applies(trainer: Trainer) -> str:
         return "n/a (the method reads no teacher outputs through teacher_on)"
     if not trainer.pipeline.unlabelled or m.unlabelled_views[:1] != ("flip",):
         return "n/a (the method's first unlabelled view is not 'flip')"
+    live, build = trainer.epochs * trainer.iters * trainer.pipeline.unlabelled, 2 * len(trainer.data.unlabelled_x)
+    if not force and live < build:
+        return f"off (the run's {live} teacher forwards on the pool cost less than the cache's {build})"
     return ""
 
 
-def attach_teacher_cache(trainer: Trainer) -> tuple[TeacherCache | None, dict]:
+def attach_teacher_cache(trainer: Trainer, force: bool = False) -> tuple[TeacherCache | None, dict]:
     """Build or memory-map the cache of ``trainer``'s run where it applies and check it bitwise against the live
     forward pass on a batch of the training shape: the cache to serve (None: the teacher runs live) and its record
-    for ``result.json`` (``kernels.teacher_cache``)."""
-    why = cache_applies(trainer)
+    for ``result.json`` (``kernels.teacher_cache``); ``force`` builds it even where it does not pay off."""
+    why = cache_applies(trainer, force)
     if why:
         return None, {"used": False, "why": why}
     t, m, d, tc = trainer, trainer.method, trainer.data, trainer.s.train

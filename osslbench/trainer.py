@@ -83,9 +83,9 @@ class Trainer:
                 batch.teacher_ulb = self.teacher_cache.lookup(batch.idx_ulb, batch.flips_ulb[0], self.device)
             yield batch
 
-    def use_teacher_cache(self) -> dict:
+    def use_teacher_cache(self, force: bool = False) -> dict:
         """Serve the teacher's outputs on the pool from the cache where it applies (``osslbench.teacher_cache``)."""
-        self.teacher_cache, self.kernels["teacher_cache"] = attach_teacher_cache(self)
+        self.teacher_cache, self.kernels["teacher_cache"] = attach_teacher_cache(self, force)
         return self.kernels["teacher_cache"]
 
     def pool_map(self, fn: Callable[[Tensor], Tensor]) -> Tensor:

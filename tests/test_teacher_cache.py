@@ -51,7 +51,7 @@ def _trainer(tmp_path: Path, method: str, overrides: list[str], cache_dir: Path 
                                                   ("srd", ["train.amp=true"]), ("kd", ["train.amp=true"])])
 def test_losses_are_bitwise_equal_with_and_without_the_cache(tmp_path, method, overrides):
     tr = _trainer(tmp_path, method, overrides)
-    record = tr.use_teacher_cache()
+    record = tr.use_teacher_cache(force=True)
     assert record["used"], record
     assert record["outputs"] == list(tr.method.teacher_outputs)
     flipped_seen = set()
@@ -85,23 +85,33 @@ def test_flip_mask_records_the_mirrored_images(tmp_path):
 
 def test_cache_is_memory_mapped_and_keyed(tmp_path):
     cache_dir = tmp_path / "teacher-cache"
-    first = _trainer(tmp_path, "srd", [], cache_dir).use_teacher_cache()
+    first = _trainer(tmp_path, "srd", [], cache_dir).use_teacher_cache(force=True)
     assert not first["loaded"] and (cache_dir / f"{first['key']}.pt").exists()
     again = _trainer(tmp_path, "srd", [], cache_dir)
-    second = again.use_teacher_cache()
+    second = again.use_teacher_cache(force=True)
     assert second["loaded"] and second["key"] == first["key"]
     channels = again.method.teacher.feature_channels[-1]
     assert again.teacher_cache.outputs["pooled"].shape == (2, len(again.data.unlabelled_x), channels)
-    other = _trainer(tmp_path, "srd", ["method.srd.alpha=0.5"], cache_dir).use_teacher_cache()
+    other = _trainer(tmp_path, "srd", ["method.srd.alpha=0.5"], cache_dir).use_teacher_cache(force=True)
     assert other["key"] != first["key"]  # other outputs stored: another file
 
 
 def test_cache_does_not_apply_or_is_switched_off(tmp_path):
-    assert not _trainer(tmp_path, "srd", ["train.teacher_cache=false"]).use_teacher_cache()["used"]
+    assert not _trainer(tmp_path, "srd", ["train.teacher_cache=false"]).use_teacher_cache(force=True)["used"]
     cropped = _trainer(tmp_path, "kd", [])
     cropped.method.unlabelled_views = ("weak",)  # a distiller whose unlabelled view is a random crop
-    assert "not 'flip'" in cropped.use_teacher_cache()["why"] and cropped.teacher_cache is None
-    assert "no teacher outputs" in _trainer(tmp_path, "fixmatch", []).use_teacher_cache()["why"]
+    assert "not 'flip'" in cropped.use_teacher_cache(force=True)["why"] and cropped.teacher_cache is None
+    assert "no teacher outputs" in _trainer(tmp_path, "fixmatch", []).use_teacher_cache(force=True)["why"]
+
+
+def test_cache_is_built_only_where_it_pays_off(tmp_path):
+    """2 epochs x 3 steps x 32 unlabelled images = 192 teacher forwards live, against 2 x 480 to build the cache."""
+    short = _trainer(tmp_path, "srd", [])
+    assert short.use_teacher_cache() == {"used": False,
+                                         "why": "off (the run's 192 teacher forwards on the pool cost less than "
+                                                "the cache's 960)"}
+    assert short.teacher_cache is None
+    assert _trainer(tmp_path, "srd", ["train.iters_per_epoch=15"]).use_teacher_cache()["used"]  # 960: it pays
 
 
 def test_smoke_run_metrics_equal_with_and_without_the_cache(tmp_path):
@@ -109,7 +119,9 @@ def test_smoke_run_metrics_equal_with_and_without_the_cache(tmp_path):
     for method in ("srd", "kd"):
         rows = {}
         for on in (True, False):
-            protocol = load_protocol("digits-openset", None, parse_overrides([*FLIP, f"train.teacher_cache={str(on).lower()}"]))
+            # 15 steps per epoch: the run's 960 unlabelled teacher forwards pay for the cache's 2 x 480
+            overrides = [*FLIP, "train.iters_per_epoch=15", f"train.teacher_cache={str(on).lower()}"]
+            protocol = load_protocol("digits-openset", None, parse_overrides(overrides))
             out = tmp_path / f"{method}-{on}"
             result = run_one(protocol, method, 0, RunOptions(data_root=tmp_path, out=out, progress=False))
             assert result["kernels"]["teacher_cache"]["used"] is on
