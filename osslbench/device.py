@@ -32,7 +32,9 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def autocast_context(device: torch.device, amp: bool | str) -> Callable[[], contextlib.AbstractContextManager]:
-    """bf16 autocast where ``amp`` resolves to bf16 on ``device`` (:func:`osslbench.hardware.use_bf16`), else a no-op."""
-    ok = use_bf16(device, amp)
+def autocast_context(device: torch.device, amp: bool | str,
+                     mflop: float | None = None) -> Callable[[], contextlib.AbstractContextManager]:
+    """bf16 autocast where ``amp`` resolves to bf16 on ``device`` for a network of ``mflop`` forward MFLOP per
+    image (:func:`osslbench.hardware.use_bf16`), else a no-op."""
+    ok = use_bf16(device, amp, mflop)
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16) if ok else contextlib.nullcontext()

@@ -22,6 +22,7 @@ from .device import autocast_context, seeded_init
 from .errors import CheckpointError
 from .evaluate import evaluate
 from .fsio import RunLock, atomic_write, clear_folder
+from .hardware import forward_mflop
 from .models import build_model
 from .models.base import Net
 from .models.checkpoint import load_state
@@ -60,7 +61,7 @@ def load_teacher_file(path: Path, protocol: Protocol, data: RunData, device: tor
     method = cls(cls.Config(), model).to(device)
     prepare = lambda x: normalize(x.to(device), data.mean, data.std)  # noqa: E731
     m = evaluate(method, data.test_x, data.test_y, data.outlier_x, prepare, protocol.train.eval_batch_size,
-                 autocast_context(device, protocol.train.amp))
+                 autocast_context(device, protocol.train.amp, forward_mflop([model], tuple(data.test_x.shape[1:]))))
     return model.cpu(), {"source": "file", "path": str(path), "arch": protocol.models.teacher, **m}
 
 

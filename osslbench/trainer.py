@@ -25,7 +25,7 @@ from .ema import EMA
 from .errors import CheckpointError, TrainingDiverged
 from .evaluate import evaluate
 from .fsio import atomic_write, atomic_write_text
-from .hardware import describe, use_bf16
+from .hardware import describe, forward_mflop, use_bf16
 from .method import Batch, Method, PoolAccess
 from .models.checkpoint import safe_load
 from .optim import Schedule, make_optimizer
@@ -54,8 +54,12 @@ class Trainer:
         method.to(device=device, memory_format=self.memory_format)
         if method._teacher.module is not None:
             method.teacher.to(device=device, memory_format=self.memory_format)
-        self.precision = "bf16" if use_bf16(device, tc.amp) else "fp32"
-        self.autocast = autocast_context(device, tc.amp)
+        # the networks a step runs forward (student, frozen teacher): what decides amp = "auto" (hardware.py)
+        nets = [method.student] + ([method.teacher] if method._teacher.module is not None else [])
+        mflop = forward_mflop(nets, tuple(data.labelled_x.shape[1:]))
+        self.kernels["forward_mflop"] = round(mflop, 2)
+        self.precision = "bf16" if use_bf16(device, tc.amp, mflop) else "fp32"
+        self.autocast = autocast_context(device, tc.amp, mflop)
         self.iters = tc.iters_per_epoch or max(1, len(data.labelled_x) // tc.batch_size)
         # a method's init stage (AB / FT / FSP) runs before the protocol's epochs
         self.init_epochs = method.init_epochs(schedule.epochs)

@@ -36,6 +36,20 @@ def test_auto_precision_is_bf16_only_where_native(monkeypatch, native):
     assert hardware.use_bf16(cpu, False) is False
 
 
+def test_auto_precision_keeps_fp32_for_networks_too_small_to_gain(monkeypatch, tmp_path):
+    """Native bf16 and the digits pair (cnn-small + cnn-large: ~5 MFLOP per image) -> fp32; WRN-16-1 -> bf16."""
+    monkeypatch.setattr(hardware, "cpu_native_bf16", lambda: True)
+    cpu = torch.device("cpu")
+    digits = hardware.forward_mflop([build_model("cnn-small", 6, 1), build_model("cnn-large", 6, 1)], (1, 8, 8))
+    wrn = hardware.forward_mflop([build_model("wrn-16-1", 100)], (3, 32, 32))
+    assert 1.0 < digits < hardware.BF16_MIN_MFLOP < 50.0 < wrn < 60.0  # WRN-16-1: 53.3 MFLOP per 32 x 32 image
+    assert not hardware.use_bf16(cpu, "auto", digits) and hardware.use_bf16(cpu, "auto", wrn)
+    assert hardware.use_bf16(cpu, True, digits)  # forced
+    result = run_one(load_protocol("digits-openset", "smoke", parse_overrides(SMALL)), "kd", 0,
+                     RunOptions(data_root=tmp_path, out=tmp_path, progress=False))
+    assert result["precision"] == "fp32" and result["kernels"]["forward_mflop"] == round(digits, 2)
+
+
 def test_result_records_precision_memory_format_and_hardware(tmp_path, monkeypatch):
     monkeypatch.setattr(hardware, "cpu_native_bf16", lambda: False)  # an AVX2-only CPU
     protocol = load_protocol("digits-openset", "smoke", parse_overrides(SMALL))
