@@ -63,7 +63,7 @@ def native_bf16(device: torch.device) -> bool:
 
 def forward_mflop(models: list[nn.Module], image: tuple[int, ...]) -> float:
     """Forward MFLOP of ``models`` on one image of shape ``image`` (C, H, W), counted by torch's FlopCounterMode."""
-    x = torch.zeros(2, *image)  # two images: BatchNorm in training mode needs more than one
+    x = torch.zeros(1, *image)
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
         for m in models:
@@ -71,7 +71,7 @@ def forward_mflop(models: list[nn.Module], image: tuple[int, ...]) -> float:
             m.eval()
             m(x.to(next(m.parameters()).device))
             m.train(was)
-    return counter.get_total_flops() / 2 / 1e6
+    return counter.get_total_flops() / 1e6
 
 
 def use_bf16(device: torch.device, amp: bool | str, mflop: float | None = None) -> bool:
