@@ -15,7 +15,8 @@ from .protocol import Protocol
 
 RESULT = "result.json"
 # Columns averaged over seeds (mean and std), in leaderboard order.
-METRICS = ["top1_last", "top1_lastk", "top1_raw_last", "top5_last", "auroc_last", "auroc_lastk", "train_s", "hook_s"]
+METRICS = ["top1_last", "top1_lastk", "top1_raw_last", "top5_last", "auroc_last", "auroc_lastk", "train_s", "peak_rss_MiB",
+           "hook_s"]
 
 
 def summarize(history: list[dict], last_k: int) -> dict[str, float]:
@@ -101,6 +102,8 @@ def collect(out: Path, protocol: str | None = None) -> pd.DataFrame:
                          # the unlabelled pool's real fraction of unseen-class images
                          "mismatch": sizes.get("unlabelled_unseen", 0) / pool if pool else float("nan"),
                          "steps": r.get("steps"), "precision": _precision(r),
+                         # the run's peak resident memory (``memory.py``); absent from results older than it
+                         "peak_rss_MiB": r.get("memory", {}).get("peak_rss_MiB", float("nan")),
                          **r["metrics"]})
     return pd.DataFrame(rows)
 

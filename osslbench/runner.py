@@ -19,6 +19,7 @@ from .data.dataset import load_run_data, make_splits
 from .device import pick_device, seeded_init
 from .errors import CheckpointError, ConfigError, HostError, OsslbenchError
 from .fsio import RunLock, check_out_folder, clear_folder
+from .memory import peak, reset_peak
 from .method import Method, MethodConfig
 from .models import build_model
 from .models.checkpoint import load_state
@@ -98,6 +99,7 @@ def _run_owned(protocol: Protocol, method: str, seed: int, opts: RunOptions, fol
                               "use another --out or --overwrite")
     t0 = time.perf_counter()
     device = pick_device(opts.device)
+    scope = reset_peak(device)
     splits = make_splits(protocol, seed, opts.data_root, opts.download)
     data = load_run_data(protocol, splits, opts.data_root, opts.download)
     teacher, teacher_record = (None, {})
@@ -126,6 +128,7 @@ def _run_owned(protocol: Protocol, method: str, seed: int, opts: RunOptions, fol
         "overrides": protocol.overrides, "method": method, "seed": seed,
         "config_hash": h, "config": tree, "teacher": teacher_record, "metrics": summarize(history, protocol.train.last_k),
         "split": splits.summary()["sizes"], "wall_s": time.perf_counter() - t0, **trainer.run_facts(),
+        "memory": peak(device, scope),
         "finished": datetime.now(UTC).isoformat(timespec="seconds"), "versions": versions(),
     }
     write_result(folder / RESULT, result)

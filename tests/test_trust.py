@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import osslbench.hardware as hardware
+import osslbench.memory as memory
 from osslbench.cli import main
 from osslbench.config import parse_overrides
 from osslbench.data.dataset import load_run_data, make_splits
@@ -57,9 +58,24 @@ def test_result_records_precision_memory_format_and_hardware(tmp_path, monkeypat
     assert result["precision"] == "fp32" and result["memory_format"] == "channels_last"
     assert result["hardware"]["cpu"] and result["hardware"]["native_bf16"] is False
     assert result["steps"] == 2 * 3
+    assert result["memory"]["peak_rss_MiB"] > 50 and result["memory"]["rss_scope"] in ("run", "process")
     forced = load_protocol("digits-openset", "smoke", parse_overrides([*SMALL, "train.amp=true"]))
     assert run_one(forced, "supervised", 0, RunOptions(data_root=tmp_path, out=tmp_path / "b",
                                                        progress=False))["precision"] == "bf16"
+
+
+def test_each_run_measures_its_own_peak_memory():
+    """Runs that follow one another in one process do not inherit an earlier run's peak (Linux resets VmHWM)."""
+    cpu = torch.device("cpu")
+    big = np.ones(400 * 2**20 // 8)  # 400 MiB, touched
+    before = memory.peak(cpu, memory.reset_peak(cpu))["peak_rss_MiB"]
+    del big
+    scope = memory.reset_peak(cpu)
+    after = memory.peak(cpu, scope)["peak_rss_MiB"]
+    if scope == "run":
+        assert after < before - 300
+    else:  # no /proc/self/clear_refs: the process's peak, said so
+        assert after >= before
 
 
 # --- EMA -------------------------------------------------------------------------------------------------------
