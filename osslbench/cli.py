@@ -146,7 +146,7 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> None:
     from .bench import BenchOptions, format_report, run_bench
-    from .protocol import load_protocol
+    from .protocol_loader import load_protocol
     from .registry import get_method
 
     protocol = load_protocol(args.protocol, args.scale, parse_overrides(args.overrides))
@@ -159,7 +159,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 def cmd_list(args: argparse.Namespace) -> None:
     if args.what == "protocols":
-        from .protocol import protocol_files, read_tree
+        from .protocol_loader import protocol_files, read_tree
 
         items = {name: read_tree(path).get("description", "") for name, path in protocol_files().items()}
     elif args.what == "methods":
@@ -181,7 +181,7 @@ def cmd_list(args: argparse.Namespace) -> None:
 
 def cmd_show(args: argparse.Namespace) -> None:
     from .config import as_tree
-    from .protocol import load_protocol
+    from .protocol_loader import load_protocol
     from .registry import get_method, method_config
 
     protocol = load_protocol(args.name, args.scale, parse_overrides(args.overrides))
@@ -195,7 +195,7 @@ def cmd_show(args: argparse.Namespace) -> None:
 
 def cmd_splits(args: argparse.Namespace) -> None:
     from .data.dataset import make_splits, splits_report
-    from .protocol import load_protocol
+    from .protocol_loader import load_protocol
 
     protocol = load_protocol(args.protocol, args.scale, parse_overrides(args.overrides))
     splits = make_splits(protocol, _seed(args.seed, "--seed"), args.data_root, args.download)

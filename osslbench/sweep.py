@@ -14,7 +14,8 @@ from typing import Any
 
 from .config import deep_merge, parse_value
 from .errors import ConfigError
-from .protocol import Protocol, load_protocol
+from .protocol import Protocol
+from .protocol_loader import load_protocol
 
 #: Protocol sections whose keys can be swept by their bare name (``mismatch`` -> ``split.mismatch``).
 SECTIONS = ("data", "split", "models", "train", "optim")

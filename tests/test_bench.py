@@ -9,7 +9,7 @@ import pytest
 from osslbench.bench import SHARES, BenchOptions, format_report, run_bench
 from osslbench.cli import main
 from osslbench.config import parse_overrides
-from osslbench.protocol import load_protocol
+from osslbench.protocol_loader import load_protocol
 
 PIPELINE_FIELDS = {"images", "steps", "seconds", "img_per_s", "step_s", "shares", "precision", "gflop_per_step",
                    "gflop_per_image", "gflop_per_s", "memory_format"}

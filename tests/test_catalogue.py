@@ -10,7 +10,7 @@ from osslbench.config import parse_overrides
 from osslbench.data.overlap import overlap_report, shared_classes
 from osslbench.data.splits import build_splits
 from osslbench.errors import ConfigError
-from osslbench.protocol import load_protocol, protocol_files
+from osslbench.protocol_loader import load_protocol, protocol_files
 from osslbench.sweep import parse_sweep, resolve_key, sweep_protocols
 
 # CIFAR-100's real superclass structure is 20 x 5; the fabricated one groups classes c -> c // 5 (the counts

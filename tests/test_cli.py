@@ -151,7 +151,7 @@ def test_non_editable_install_finds_protocols_and_baselines(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
                     "--target", str(target), str(ROOT)], check=True, capture_output=True)
     env = {**os.environ, "PYTHONPATH": str(target)}
-    code = ("import osslbench, osslbench.protocol as p, osslbench.registry as r;"
+    code = ("import osslbench, osslbench.protocol_loader as p, osslbench.registry as r;"
             "assert str(target) in osslbench.__file__, osslbench.__file__;"
             "print(sorted(p.protocol_files()), sorted(r.methods()))").replace("target", repr(str(target)))
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from osslbench.fsio import RunLock, RunLockedError
-from osslbench.protocol import load_protocol
+from osslbench.protocol_loader import load_protocol
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,7 @@ import torch
 from osslbench.device import seeded_init
 from osslbench.method import Batch
 from osslbench.models import build_model
-from osslbench.protocol import load_protocol, protocol_files, read_tree
+from osslbench.protocol_loader import load_protocol, protocol_files, read_tree
 from osslbench.registry import family, get_method, method_config, methods
 from osslbench.runner import RunOptions, run_one
 

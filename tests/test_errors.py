@@ -276,7 +276,7 @@ def test_disk_full_is_exit_3_and_leaves_no_temporary(capsys, tmp_path, monkeypat
 def test_duplicate_seeds_and_methods_are_one_run(tmp_path):
     from osslbench.cli import _seeds
     from osslbench.config import parse_overrides
-    from osslbench.protocol import load_protocol
+    from osslbench.protocol_loader import load_protocol
     from osslbench.registry import resolve_method_names
     from osslbench.runner import RunOptions, run_grid
 

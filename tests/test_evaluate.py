@@ -11,7 +11,7 @@ from torch import nn
 from osslbench.config import parse_overrides
 from osslbench.evaluate import evaluate
 from osslbench.models import build_model
-from osslbench.protocol import load_protocol
+from osslbench.protocol_loader import load_protocol
 from osslbench.registry import get_method, method_config, methods
 
 OOD_HEADS = {"openmatch", "mtc", "t2t", "iomatch"}

@@ -11,7 +11,7 @@ import pytest
 
 from osslbench import fsio
 from osslbench.config import parse_overrides
-from osslbench.protocol import load_protocol
+from osslbench.protocol_loader import load_protocol
 from osslbench.runner import RunOptions, run_grid
 
 TINY = ["train.amp=false", "train.epochs=2", "train.teacher_epochs=1", "train.iters_per_epoch=2", "train.last_k=2"]

@@ -295,7 +295,7 @@ def test_init_stage_length_and_learning_rate(name, init_factor):
 
 def test_init_stage_runs_before_the_protocols_epochs(tmp_path):
     from osslbench.config import parse_overrides
-    from osslbench.protocol import load_protocol
+    from osslbench.protocol_loader import load_protocol
     from osslbench.runner import RunOptions, run_one
     protocol = load_protocol("digits-openset", "smoke", parse_overrides(["train.epochs=8"]))
     result = run_one(protocol, "ft", 0, RunOptions(data_root=tmp_path, out=tmp_path, progress=False))

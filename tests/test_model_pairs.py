@@ -14,7 +14,7 @@ from osslbench.data.splits import hashed_subset
 from osslbench.errors import ConfigError
 from osslbench.models import MODEL_INFO, build_model
 from osslbench.models.bireal import BinaryConv2d, approx_sign
-from osslbench.protocol import load_protocol, protocol_files, read_tree
+from osslbench.protocol_loader import load_protocol, protocol_files, read_tree
 from osslbench.registry import family, get_method, method_config, methods, resolve_method_names
 from osslbench.runner import run_config
 from osslbench.teacher import teacher_config

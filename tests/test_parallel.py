@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from osslbench.config import parse_overrides
-from osslbench.protocol import load_protocol
+from osslbench.protocol_loader import load_protocol
 from osslbench.runner import RunOptions, run_grid
 
 pytestmark = pytest.mark.slow

@@ -6,7 +6,7 @@ import pytest
 
 from osslbench.config import config_hash, parse_overrides
 from osslbench.errors import ConfigError
-from osslbench.protocol import load_protocol, protocol_files
+from osslbench.protocol_loader import load_protocol, protocol_files
 from osslbench.registry import get_method, method_config
 
 

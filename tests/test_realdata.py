@@ -68,7 +68,7 @@ def test_tinyimagenet_real() -> None:
 def test_seen50_on_the_real_superclasses() -> None:
     """The first 10 superclasses of the real files: 50 classes, aquatic mammals .. large natural outdoor scenes."""
     from osslbench.data.dataset import make_splits
-    from osslbench.protocol import load_protocol
+    from osslbench.protocol_loader import load_protocol
 
     s = make_splits(load_protocol("cifar100-seen50", "mini"), 0, DATA)
     names = [s.class_names[c] for c in s.seen_classes]
@@ -102,7 +102,7 @@ def test_decoded_cache_on_real_data(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 @needs_tiny
 def test_overlap_count_on_real_tinyimagenet() -> None:
     from osslbench.data.dataset import make_splits, splits_report
-    from osslbench.protocol import load_protocol
+    from osslbench.protocol_loader import load_protocol
 
     p = load_protocol("cifar100-tinyimagenet", "mini")
     s = make_splits(p, 0, DATA)

@@ -103,7 +103,7 @@ def test_list_methods_shows_every_origin(capsys):
 
 
 def test_typo_method_tables_are_errors_even_when_not_run():
-    from osslbench.protocol import load_protocol
+    from osslbench.protocol_loader import load_protocol
 
     with pytest.raises(ConfigError, match=r"method.kdd .*unknown method 'kdd'; did you mean 'kd'\?"):
         load_protocol("digits-openset", "smoke", {"method": {"kdd": {"alpha": 5}}})
@@ -112,7 +112,7 @@ def test_typo_method_tables_are_errors_even_when_not_run():
 
 
 def test_ssl_methods_refuse_mu_zero_and_distillers_accept_it():
-    from osslbench.protocol import load_protocol
+    from osslbench.protocol_loader import load_protocol
 
     ssl = {name for name in registry.methods() if registry.get_method(name).needs_unlabelled}
     assert {"pseudolabel", "meanteacher", "mixmatch", "fixmatch", "mtc", "openmatch", "t2t", "iomatch"} <= ssl

@@ -8,7 +8,7 @@ import pytest
 from osslbench.config import parse_overrides
 from osslbench.data.splits import Splits, build_splits
 from osslbench.errors import ConfigError
-from osslbench.protocol import load_protocol
+from osslbench.protocol_loader import load_protocol
 
 # A fake labelled source: 10 classes x 100 images; a foreign source of 500 images; a test source 10 x 20.
 LABELS = {

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from osslbench.protocol import load_protocol
+from osslbench.protocol_loader import load_protocol
 from osslbench.runner import RunOptions, run_grid
 
 pytestmark = pytest.mark.slow

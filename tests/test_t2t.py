@@ -27,7 +27,8 @@ from osslbench.evaluate import auroc
 from osslbench.method import Batch, PoolAccess
 from osslbench.models import build_model
 from osslbench.ood import otsu_select, pooled
-from osslbench.protocol import OptimConfig, load_protocol
+from osslbench.protocol import OptimConfig
+from osslbench.protocol_loader import load_protocol
 from osslbench.registry import get_method
 from osslbench.runner import RunOptions, run_one
 

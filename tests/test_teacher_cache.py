@@ -13,7 +13,7 @@ from osslbench.data.dataset import load_run_data, make_splits
 from osslbench.data.pipeline import view as pipeline_view
 from osslbench.device import seeded_init
 from osslbench.models import build_model
-from osslbench.protocol import load_protocol
+from osslbench.protocol_loader import load_protocol
 from osslbench.registry import get_method, method_config
 from osslbench.runner import RunOptions, run_one
 from osslbench.teacher_cache import cache_bytes, flip_mask

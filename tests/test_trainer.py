@@ -9,7 +9,8 @@ import torch
 
 from osslbench.config import parse_overrides
 from osslbench.errors import CheckpointError
-from osslbench.protocol import OptimConfig, load_protocol, lr_factor
+from osslbench.protocol import OptimConfig, lr_factor
+from osslbench.protocol_loader import load_protocol
 from osslbench.registry import methods
 from osslbench.runner import RunOptions, run_grid, run_one
 

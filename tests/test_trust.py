@@ -19,7 +19,8 @@ from osslbench.data.pipeline import views
 from osslbench.ema import EMA
 from osslbench.method import Batch, Method
 from osslbench.models import build_model
-from osslbench.protocol import OptimConfig, load_protocol, lr_factor
+from osslbench.protocol import OptimConfig, lr_factor
+from osslbench.protocol_loader import load_protocol
 from osslbench.registry import get_method, method_config
 from osslbench.runner import RunOptions, run_grid, run_one
 from osslbench.trainer import Schedule, Trainer
