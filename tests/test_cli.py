@@ -11,20 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from osslbench.cli import main
 from osslbench.models import build_model
+
+from helpers import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ["--scale", "smoke", "--quiet"]
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    try:
-        code = main(list(argv))
-    except SystemExit as exc:  # argparse's own errors
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.mark.parametrize(

@@ -13,19 +13,11 @@ import pytest
 import torch
 
 from osslbench import fsio
-from osslbench.cli import main
 from osslbench.models import build_model
 
+from helpers import run_cli
+
 SMOKE = ["--scale", "smoke", "--quiet", "--set", "train.amp=false"]
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    try:
-        code = main(list(argv))
-    except SystemExit as exc:  # argparse's own errors
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def files(root: Path) -> dict[str, int]:

@@ -19,6 +19,8 @@ from osslbench.ood import ova_loss
 from osslbench.registry import get_method
 from osslbench.semisup import soft_cross_entropy
 
+from helpers import fixed
+
 K = 3  # seen classes
 
 
@@ -26,12 +28,6 @@ def ova_logits(p_in: list[list[float]]) -> torch.Tensor:
     """``B x 2K`` OVA logits (outlier logits 0 first, then the inlier log-odds) with inlier probabilities ``p_in``."""
     p = torch.tensor(p_in, dtype=torch.float64)
     return torch.cat([torch.zeros_like(p), torch.log(p / (1 - p))], dim=1).float()
-
-
-def fixed(*shape: int, scale: float = 1.0, phase: float = 0.0) -> torch.Tensor:
-    """Deterministic, RNG-free values in [-scale, scale]."""
-    n = math.prod(shape)
-    return (torch.sin(torch.arange(n, dtype=torch.float32) * 0.7 + phase) * scale).view(*shape)
 
 
 def tiny_method(**cfg) -> IOMatch:

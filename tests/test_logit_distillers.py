@@ -3,8 +3,6 @@ written out here, and which images (labelled / unlabelled) each term sees."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from torch import Tensor, nn
@@ -15,11 +13,7 @@ from osslbench.method import Batch
 from osslbench.models.base import Net
 from osslbench.registry import get_method
 
-
-def fixed(*shape: int, scale: float = 1.0, phase: float = 0.0) -> Tensor:
-    """Deterministic, RNG-free values in [-scale, scale]."""
-    n = math.prod(shape)
-    return (torch.sin(torch.arange(n, dtype=torch.float32) * 0.7 + phase) * scale).view(*shape)
+from helpers import fixed
 
 
 class LinearNet(Net):

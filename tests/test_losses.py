@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,11 +12,7 @@ from osslbench.models import build_model
 from osslbench.registry import get_method
 from osslbench.semisup import hard_pseudo_labels
 
-
-def fixed(*shape: int, scale: float = 1.0) -> torch.Tensor:
-    """Deterministic, RNG-free values in [-scale, scale]."""
-    n = math.prod(shape)
-    return (torch.sin(torch.arange(n, dtype=torch.float32) * 0.7) * scale).view(*shape)
+from helpers import fixed
 
 
 def srd_setup():

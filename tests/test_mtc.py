@@ -3,8 +3,6 @@ from the whole pool every epoch, the MixMatch terms on the selected stream, and 
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,13 +13,9 @@ from osslbench.ood import otsu_select
 from osslbench.registry import get_method
 from osslbench.semisup import mixup
 
+from helpers import fixed
+
 K_CLASSES = 3
-
-
-def fixed(*shape: int, scale: float = 1.0, phase: float = 0.0) -> torch.Tensor:
-    """Deterministic, RNG-free values in [-scale, scale]."""
-    n = math.prod(shape)
-    return (torch.sin(torch.arange(n, dtype=torch.float32) * 0.7 + phase) * scale).view(*shape)
 
 
 def make(pool_size: int = 8, **cfg):

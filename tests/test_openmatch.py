@@ -21,6 +21,8 @@ from osslbench.registry import get_method
 from osslbench.semisup import scaled_epochs
 from osslbench.trainer import Schedule, Trainer
 
+from helpers import fixed
+
 K = 3  # seen classes of the tiny problems
 
 
@@ -38,12 +40,6 @@ def closed_logits(pred: list[int]) -> torch.Tensor:
 
 def binary_entropy(p: float) -> float:
     return -(p * math.log(p) + (1 - p) * math.log(1 - p))
-
-
-def fixed(*shape: int, scale: float = 1.0, phase: float = 0.0) -> torch.Tensor:
-    """Deterministic, RNG-free values in [-scale, scale]."""
-    n = math.prod(shape)
-    return (torch.sin(torch.arange(n, dtype=torch.float32) * 0.7 + phase) * scale).view(*shape)
 
 
 def tiny_method(**cfg) -> OpenMatch:

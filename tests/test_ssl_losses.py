@@ -27,13 +27,9 @@ from osslbench.semisup import (
     soft_cross_entropy,
 )
 
+from helpers import fixed
+
 C = 3  # classes of the tiny models
-
-
-def fixed(*shape: int, scale: float = 1.0, phase: float = 0.0) -> torch.Tensor:
-    """Deterministic, RNG-free values in [-scale, scale]."""
-    n = math.prod(shape)
-    return (torch.sin(torch.arange(n, dtype=torch.float32) * 0.7 + phase) * scale).view(*shape)
 
 
 def tiny_model() -> torch.nn.Module:

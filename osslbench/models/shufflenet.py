@@ -42,6 +42,20 @@ def _init(model: nn.Module) -> None:
 # ------------------------------------------------------------------------------------------------ ShuffleNet V1
 
 
+def _stages_preact(stem: Tensor, stages: tuple[nn.Sequential, ...]) -> tuple[list[Tensor], list[Tensor]]:
+    """Features and pre-activations of the stem (``stem`` before its ReLU) and of each stage (its last unit's
+    ``forward_pre``: the unit's output and its map before the last ReLU)."""
+    feats, pre = [F.relu(stem)], [stem]
+    for stage in stages:
+        out = feats[-1]
+        for unit in stage[:-1]:
+            out = unit(out)
+        out, p = stage[-1].forward_pre(out)
+        feats.append(out)
+        pre.append(p)
+    return feats, pre
+
+
 class Bottleneck(nn.Module):
     """ShuffleNet V1 unit: grouped 1x1 - shuffle - depthwise 3x3 - grouped 1x1; stride 2 concatenates an
     average-pooled shortcut, stride 1 adds the identity."""
@@ -61,16 +75,17 @@ class Bottleneck(nn.Module):
         self.shortcut = nn.Sequential(nn.AvgPool2d(3, stride=2, padding=1)) if stride == 2 else nn.Sequential()
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.relu(self.forward_pre(x))
+        return self.forward_pre(x)[0]
 
-    def forward_pre(self, x: Tensor) -> Tensor:
-        """The unit's output before its final ReLU (RepDistiller's ``preact``)."""
+    def forward_pre(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(output, pre-activation)``: the latter before the unit's final ReLU (RepDistiller's ``preact``)."""
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.shuffle1(out)
         out = F.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
         res = self.shortcut(x)
-        return torch.cat([out, res], 1) if self.stride == 2 else out + res
+        pre = torch.cat([out, res], 1) if self.stride == 2 else out + res
+        return F.relu(pre), pre
 
 
 class ShuffleNetV1(Net):
@@ -116,16 +131,7 @@ class ShuffleNetV1(Net):
 
     def forward_preact(self, x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         """Each map before its final ReLU (the last unit's ``forward_pre`` per stage)."""
-        p0 = self.bn1(self.conv1(x))
-        feats, pre = [F.relu(p0)], [p0]
-        for layer in (self.layer1, self.layer2, self.layer3):
-            out = feats[-1]
-            for unit in layer[:-1]:
-                out = unit(out)
-            p = layer[-1].forward_pre(out)
-            feats.append(F.relu(p))
-            pre.append(p)
-        return feats, pre
+        return _stages_preact(self.bn1(self.conv1(x)), (self.layer1, self.layer2, self.layer3))
 
 
 # RepDistiller train_student.py: `if opt.model_s in ['MobileNetV2', 'ShuffleV1', 'ShuffleV2']: learning_rate = 0.01`;
@@ -245,15 +251,7 @@ class ShuffleNetV2(Net):
 
     def forward_preact(self, x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         """Each map before its last ReLU (a stage: its last unit's ``forward_pre``; the head: ``bn2(conv2(.))``)."""
-        p0 = self.bn1(self.conv1(x))
-        feats, pre = [F.relu(p0)], [p0]
-        for layer in (self.layer1, self.layer2, self.layer3):
-            out = feats[-1]
-            for unit in layer[:-1]:
-                out = unit(out)
-            out, p = layer[-1].forward_pre(out)
-            feats.append(out)
-            pre.append(p)
+        feats, pre = _stages_preact(self.bn1(self.conv1(x)), (self.layer1, self.layer2, self.layer3))
         p4 = self.bn2(self.conv2(feats[-1]))
         return [*feats, F.relu(p4)], [*pre, p4]
 
