@@ -73,17 +73,12 @@ def standardize(logits: Tensor, eps: float = 1e-7) -> Tensor:
 
 class Distiller(Method):
     """Base of every distiller: a frozen, eval-mode teacher; the unlabelled images resized to 32 and flipped, not
-    cropped (the SRD paper's open-set setting); the teacher sees the student's batch (:meth:`teacher_forward`)."""
+    cropped (the SRD paper's open-set setting); the teacher sees the student's batch (:meth:`Method.teacher_on` for
+    what a distiller declares in ``teacher_outputs``, so that the teacher-output cache can serve it)."""
 
     needs_teacher = True
     unlabelled_views = ("flip",)  # SRD paper: unlabelled images are resized to 32 and flipped, not cropped
     cfg: DistillConfig
-
-    def teacher_forward(self, batch: Batch, features: bool = False) -> Any:
-        """The frozen teacher, without gradient, on the batch of :meth:`Method.forward_student` (the labelled images,
-        then the first unlabelled view): logits, or ``(logits, feature maps)`` with ``features``."""
-        with torch.no_grad():
-            return self.teacher(torch.cat([batch.x_lb, *batch.x_ulb[:1]]), features=features)
 
     def kd(self, logits: Tensor, t_logits: Tensor) -> Tensor:
         """``alpha * KL_T(z_s || z_t)`` (Hinton et al. 2015) over the whole batch."""
@@ -212,6 +207,12 @@ class FeatureDistiller(Distiller):
     cfg: FeatureDistillConfig
     layer_pairs: list[tuple[int, int]]
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.teacher_outputs and (cls.layers_key or cls.preact):
+            raise TypeError(f"{cls.__name__}: teacher_outputs serves the teacher's pooled vector and logits only; a "
+                            "distiller of feature maps or pre-activations reads the teacher live")
+
     def __init__(self, cfg: FeatureDistillConfig, student: Net, teacher: Net | None = None, **kwargs: int) -> None:
         super().__init__(cfg, student, teacher, **kwargs)
         s_shapes = probe(student, self.image_size, self.preact)
@@ -313,8 +314,12 @@ class FeatureDistiller(Distiller):
         logits, feat_s = self.features(self.student, x)
         out = {"ce": cfg.gamma * cross_entropy(logits[:n], batch.y_lb)}
         if cfg.alpha or cfg.beta:
-            with torch.no_grad():
-                t_logits, feat_t = self.features(self.teacher, x)
+            if self.teacher_outputs:  # a distiller of the pooled vector alone (CC, RKD, PKT): cache-servable
+                teacher = self.teacher_on(batch)
+                t_logits, feat_t = teacher["logits"], [teacher["pooled"]]
+            else:
+                with torch.no_grad():
+                    t_logits, feat_t = self.features(self.teacher, x)
             if cfg.alpha:
                 out["kd"] = self.kd(logits, t_logits)
             if cfg.beta:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -12,9 +13,10 @@ from osslbench.config import parse_overrides
 from osslbench.data.dataset import load_run_data, make_splits
 from osslbench.data.pipeline import view as pipeline_view
 from osslbench.device import seeded_init
+from osslbench.distill import FeatureDistiller
 from osslbench.models import build_model
 from osslbench.protocol_loader import load_protocol
-from osslbench.registry import get_method, method_config
+from osslbench.registry import get_method, method_config, methods
 from osslbench.runner import RunOptions, run_one
 from osslbench.teacher_cache import cache_bytes, flip_mask
 from osslbench.trainer import Schedule, Trainer
@@ -47,7 +49,11 @@ def _trainer(tmp_path: Path, method: str, overrides: list[str], cache_dir: Path 
     return Trainer(m, data, schedule, tmp_path / "run", "h", torch.device("cpu"), progress=False, cache_dir=cache_dir)
 
 
-@pytest.mark.parametrize(("method", "overrides"), [("srd", []), ("srd", ["method.srd.alpha=0.5"]), ("kd", []),
+# every method that declares teacher outputs, in fp32; SRD and KD in bf16 too
+DECLARING = sorted(m for m in methods() if get_method(m).teacher_outputs)
+
+
+@pytest.mark.parametrize(("method", "overrides"), [*[(m, []) for m in DECLARING], ("srd", ["method.srd.alpha=0.5"]),
                                                   ("srd", ["train.amp=true"]), ("kd", ["train.amp=true"])])
 def test_losses_are_bitwise_equal_with_and_without_the_cache(tmp_path, method, overrides):
     tr = _trainer(tmp_path, method, overrides)
@@ -58,13 +64,27 @@ def test_losses_are_bitwise_equal_with_and_without_the_cache(tmp_path, method, o
     for batch in tr.batches(0):
         assert batch.teacher_ulb is not None
         flipped_seen |= set(batch.flips_ulb[0].tolist())
+        # a method's state (CRD's memory bank, its negatives' generator) as it was before the served pass
+        state, gen = copy.deepcopy(tr.method.state_dict()), batch.gen.get_state() if batch.gen is not None else None
         with tr.autocast():  # the Trainer's precision, under which the cache was built
             served = tr.method.losses(batch)
+            tr.method.load_state_dict(state)
+            if gen is not None:
+                batch.gen.set_state(gen)
             live = tr.method.losses(type(batch)(**{**batch.__dict__, "teacher_ulb": None}))
         assert served.keys() == live.keys()
         for k in served:
             assert torch.equal(served[k], live[k]), (k, served[k].item(), live[k].item())
     assert flipped_seen == {False, True}  # both entries of the cache were served
+
+
+def test_the_distillers_of_the_pooled_vector_and_logits_declare_them():
+    assert set(DECLARING) >= {"srd", "kd", "dkd", "dist", "crd", "cc", "rkd", "pkt"}
+    with pytest.raises(TypeError, match="reads the teacher live"):  # the cache holds no intermediate map
+
+        class MapsFromTheCache(FeatureDistiller):
+            layers_key = "layers"
+            teacher_outputs = ("pooled", "logits")
 
 
 def test_flip_mask_records_the_mirrored_images(tmp_path):

@@ -45,6 +45,7 @@ class CC(FeatureDistiller):
     name = "cc"
     description = "CC (Peng et al. 2019): correlation congruence of linear embeddings of the pooled features"
     Config = CCConfig
+    teacher_outputs = ("pooled", "logits")  # the pooled vector only: servable from the teacher-output cache
     cfg: CCConfig
 
     def build(self, s_shapes: list[Shape], t_shapes: list[Shape]) -> None:

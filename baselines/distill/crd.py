@@ -135,6 +135,7 @@ class CRD(Distiller):
     name = "crd"
     description = "Contrastive Representation Distillation (Tian et al., ICLR 2020): NCE over a bank of labelled + pool"
     Config = CRDConfig
+    teacher_outputs = ("pooled", "logits")
     cfg: CRDConfig
 
     def __init__(self, cfg: CRDConfig, student: Net, teacher: Net | None = None, **kwargs: int) -> None:
@@ -158,16 +159,16 @@ class CRD(Distiller):
     def losses(self, batch: Batch) -> dict[str, Tensor]:
         cfg = self.cfg
         logits_lb, logits_ulb, feats = self.forward_student(batch, features=True)
-        t_logits, t_feats = self.teacher_forward(batch, features=True)
+        teacher = self.teacher_on(batch)
         idx = self.bank_positions(batch)
         contrast = torch.cat([idx.unsqueeze(1), sample_negatives(idx, self.memory.n_data, cfg.nce_k, batch.gen)], 1)
         device = feats[-1].device
         with torch.autocast(device.type, enabled=False):  # exp(x / 0.07) needs float32
             e_s = self.embed_s(self.student.pool(feats[-1]).float())
-            e_t = self.embed_t(self.teacher.pool(t_feats[-1]).float())
+            e_t = self.embed_t(teacher["pooled"].float())
             out_s, out_t = self.memory(e_s, e_t, idx.to(device), contrast.to(device))
             crd = nce_loss(out_s, self.memory.n_data) + nce_loss(out_t, self.memory.n_data)
         out = {"ce": cfg.gamma * cross_entropy(logits_lb, batch.y_lb), "crd": cfg.beta * crd}
         if cfg.alpha:
-            out["kd"] = self.kd(torch.cat([logits_lb, logits_ulb]), t_logits)
+            out["kd"] = self.kd(torch.cat([logits_lb, logits_ulb]), teacher["logits"])
         return out

@@ -60,11 +60,12 @@ class DIST(Distiller):
     name = "dist"
     description = "DIST (Huang et al., NeurIPS 2022): inter- and intra-class Pearson relations of teacher and student"
     Config = DISTConfig
+    teacher_outputs = ("logits",)
     cfg: DISTConfig  # DIST's own weights (gamma_ce, beta, gamma, tau): no KD term, not a DistillConfig
 
     def losses(self, batch: Batch) -> dict[str, Tensor]:
         cfg = self.cfg
         logits_lb, logits_ulb = self.forward_student(batch)
-        inter, intra = dist_terms(torch.cat([logits_lb, logits_ulb]), self.teacher_forward(batch), cfg.tau)
+        inter, intra = dist_terms(torch.cat([logits_lb, logits_ulb]), self.teacher_on(batch)["logits"], cfg.tau)
         return {"ce": cfg.gamma_ce * cross_entropy(logits_lb, batch.y_lb),
                 "inter": cfg.beta * inter, "intra": cfg.gamma * intra}

@@ -88,13 +88,14 @@ class DKD(Distiller):
     name = "dkd"
     description = "Decoupled KD (Zhao et al., CVPR 2022): TCKD + NCKD; unlabelled target = teacher's argmax"
     Config = DKDConfig
+    teacher_outputs = ("logits",)
     cfg: DKDConfig
 
     def losses(self, batch: Batch) -> dict[str, Tensor]:
         cfg = self.cfg
         n = batch.x_lb.shape[0]
         logits_lb, logits_ulb = self.forward_student(batch)
-        t_logits = self.teacher_forward(batch).float()
+        t_logits = self.teacher_on(batch)["logits"].float()
         s_logits = torch.cat([logits_lb, logits_ulb]).float()
         target = torch.cat([batch.y_lb, t_logits[n:].argmax(dim=1)])  # labelled: the label; unlabelled: teacher's argmax
         if cfg.logit_std:

@@ -46,6 +46,7 @@ class PKT(FeatureDistiller):
     name = "pkt"
     description = "PKT (Passalis & Tefas 2018): KL between the batch's cosine-similarity distributions"
     Config = PKTConfig
+    teacher_outputs = ("pooled", "logits")  # the pooled vector only: servable from the teacher-output cache
     cfg: PKTConfig
 
     def distill(self, feat_s: list[Tensor], feat_t: list[Tensor]) -> Tensor:

@@ -56,6 +56,7 @@ class RKD(FeatureDistiller):
     name = "rkd"
     description = "RKD (Park et al. 2019): match the distance and angle relations among the batch's pooled features"
     Config = RKDConfig
+    teacher_outputs = ("pooled", "logits")  # the pooled vector only: servable from the teacher-output cache
     cfg: RKDConfig
 
     def distill(self, feat_s: list[Tensor], feat_t: list[Tensor]) -> Tensor:
