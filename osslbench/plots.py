@@ -80,7 +80,8 @@ def describe(rows: pd.DataFrame, scale: str, point: str = "") -> str:
     parts = [f"scale {scale}"] + ([point] if point else [])
     for col, fmt in (("steps", "{} steps"), ("precision", "{}")):
         if col in rows and rows[col].notna().any():
-            values = sorted({str(v) for v in rows[col].dropna()})
+            # 4000, not 4000.0: a column with a missing value (a run older than the field) is float
+            values = sorted({str(int(v)) if isinstance(v, float) and v.is_integer() else str(v) for v in rows[col].dropna()})
             parts.append(fmt.format("/".join(values)))
     seeds = sorted({int(s) for s in rows["seeds"].dropna()}) if "seeds" in rows else []
     if seeds:

@@ -39,6 +39,8 @@ def test_titles_carry_scale_steps_precision_seeds_and_custom_marker():
     assert plots.describe(rows, "mini", "mismatch=0.5") == \
         "scale mini · mismatch=0.5 · 20x200 steps · fp32 · 3 seeds (mean ± std) · custom config"
     assert plots.describe(pd.DataFrame({"seeds": [1]}), "full") == "scale full · 1 seed (no spread)"  # no column: no part
+    older = pd.DataFrame({"seeds": [1, 3], "steps": [4000, None]})  # a run older than the steps field: a float column
+    assert plots.describe(older, "mini") == "scale mini · 4000 steps · 1-3 seeds"
 
 
 def _fake_results(out, protocol="toy", n_seeds=2):
