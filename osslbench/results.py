@@ -120,7 +120,7 @@ def leaderboard(runs: pd.DataFrame) -> pd.DataFrame:
     table["seeds"] = grouped["seed"].nunique()
     table["teacher_top1"] = grouped["teacher_top1"].mean()
     table["mismatch"] = grouped["mismatch"].mean()
-    table["steps"] = grouped["steps"].max()
+    table["steps"] = grouped["steps"].max().astype("Int64")  # a count: 4000, not 4000.0 beside runs older than the field
     table["precision"] = grouped["precision"].agg(lambda s: "+".join(sorted(set(map(str, s)))))
     table["config_hashes"] = grouped["config_hash"].agg(lambda s: ",".join(sorted(set(s))))
     table = table.reset_index().sort_values([*keys[:-1], "top1_last"], ascending=[True] * (len(keys) - 1) + [False])

@@ -10,6 +10,7 @@ import pytest
 
 from osslbench import plots
 from osslbench.registry import methods
+from osslbench.results import write_leaderboard
 
 
 def test_one_colour_per_method_shaded_by_family():
@@ -90,3 +91,13 @@ def test_plot_reads_the_leaderboard_csv_and_its_new_columns(tmp_path, monkeypatc
     monkeypatch.setattr(plots, "save", lambda fig, stem: (titles.append(fig._suptitle), plots.plt.close(fig), [])[2])
     plots.plot_all(tmp_path)
     assert any(t is not None and "999x1 steps · bf16" in t.get_text() for t in titles)
+
+
+def test_leaderboard_writes_steps_as_a_count_beside_runs_older_than_the_field(tmp_path):
+    _fake_results(tmp_path)  # results without "steps", as those written before the field existed
+    newer = tmp_path / "toy" / "mini" / "srd" / "seed0" / "result.json"
+    newer.write_text(json.dumps({**json.loads(newer.read_text()), "steps": 4000}))
+    table = write_leaderboard(tmp_path, "toy")
+    assert str(table.set_index("method").loc["srd", "steps"]) == "4000"
+    text = (tmp_path / "toy" / "leaderboard.csv").read_text()
+    assert "4000" in text and "4000.0" not in text
