@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import math
+from pathlib import Path
+
 import pytest
 
 from osslbench import registry
 from osslbench.errors import ConfigError
+
+from helpers import run_cli
 
 
 def test_builtin_methods_are_discovered_from_files():
@@ -123,3 +129,22 @@ def test_ssl_methods_refuse_mu_zero_and_distillers_accept_it():
         else:  # closed-set distillation (RepDistiller's table) and the student alone
             protocol = load_protocol("digits-openset", "smoke", {"method": {name: {"mu": 0}}})
             assert registry.method_config(registry.get_method(name), protocol)[0].mu == 0
+
+
+def readme_example() -> str:
+    """The ``python`` block of the README's "Adding a method" section."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Adding a method", 1)[1].split("\n## ", 1)[0]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_readmes_example_method_runs_as_a_plugin(plugins, capsys, tmp_path):
+    install_plugin(plugins, "readme-example", {"mykd": "readme_example:MyKD"}, "readme_example", readme_example())
+    cls = registry.get_method("mykd")
+    assert cls.teacher_outputs == ("logits",) and registry.family(cls) == "plugin"
+    out = tmp_path / "results"
+    code, _, err = run_cli(capsys, "run", "--methods", "mykd", "--scale", "smoke", "--quiet", "--out", str(out))
+    assert code == 0, err
+    rows = [json.loads(line) for line in (out / "digits-openset" / "smoke" / "mykd" / "seed0" / "metrics.jsonl")
+            .read_text().splitlines()]
+    assert rows and all(math.isfinite(row["loss_kd"]) and row["loss_kd"] > 0 for row in rows)
