@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -148,3 +150,15 @@ def test_the_readmes_example_method_runs_as_a_plugin(plugins, capsys, tmp_path):
     rows = [json.loads(line) for line in (out / "digits-openset" / "smoke" / "mykd" / "seed0" / "metrics.jsonl")
             .read_text().splitlines()]
     assert rows and all(math.isfinite(row["loss_kd"]) and row["loss_kd"] > 0 for row in rows)
+
+
+def test_no_methods_results_are_git_ignored():
+    """Every method's result files are kept by git (a root-level ``dist/`` rule once hid the ``dist`` method's runs)."""
+    root = Path(__file__).resolve().parents[1]
+    if shutil.which("git") is None or not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    kept = ("result.json", "metrics.jsonl", "splits.npz")
+    paths = [f"results/some-protocol/mini/{name}/seed0/{f}" for name in registry.methods() for f in kept]
+    paths += ["results/some-protocol/leaderboard.csv", "results/some-protocol/mini_leaderboard.png"]
+    out = subprocess.run(["git", "check-ignore", "--no-index", *paths], cwd=root, capture_output=True, text=True)
+    assert out.returncode == 1 and out.stdout == "", f"git ignores: {out.stdout}"
