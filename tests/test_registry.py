@@ -22,6 +22,15 @@ def test_builtin_methods_are_discovered_from_files():
     assert all(cls.name == name and cls.description for name, cls in found.items())
 
 
+def test_the_readme_names_every_built_in_method():
+    """The README's "Methods" paragraph is the user's map of what ships; a method missing from it is invisible."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    paragraph = readme.split("Methods (`osslbench list methods`)", 1)[1].split("\n\n", 1)[0]
+    builtin = [name for name, cls in registry.methods().items() if registry.family(cls) != "plugin"]
+    assert len(builtin) >= 25
+    assert [name for name in builtin if f"`{name}`" not in paragraph] == []
+
+
 def install_plugin(root, dist: str, entries: dict[str, str], module: str | None = None, source: str = "") -> None:
     """A real installed distribution (``<dist>-1.0.dist-info`` with entry points) on ``root``, on sys.path."""
     info = root / f"{dist}-1.0.dist-info"
