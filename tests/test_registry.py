@@ -15,6 +15,8 @@ from osslbench.errors import ConfigError
 
 from helpers import run_cli
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def test_builtin_methods_are_discovered_from_files():
     found = registry.methods()
@@ -24,7 +26,7 @@ def test_builtin_methods_are_discovered_from_files():
 
 def test_the_readme_names_every_built_in_method():
     """The README's "Methods" paragraph is the user's map of what ships; a method missing from it is invisible."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text()
     paragraph = readme.split("Methods (`osslbench list methods`)", 1)[1].split("\n\n", 1)[0]
     builtin = [name for name, cls in registry.methods().items() if registry.family(cls) != "plugin"]
     assert len(builtin) >= 25
@@ -144,7 +146,7 @@ def test_ssl_methods_refuse_mu_zero_and_distillers_accept_it():
 
 def readme_example() -> str:
     """The ``python`` block of the README's "Adding a method" section."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text()
     section = readme.split("## Adding a method", 1)[1].split("\n## ", 1)[0]
     return section.split("```python\n", 1)[1].split("```", 1)[0]
 
@@ -163,11 +165,10 @@ def test_the_readmes_example_method_runs_as_a_plugin(plugins, capsys, tmp_path):
 
 def test_no_methods_results_are_git_ignored():
     """Every method's result files are kept by git (a root-level ``dist/`` rule once hid the ``dist`` method's runs)."""
-    root = Path(__file__).resolve().parents[1]
-    if shutil.which("git") is None or not (root / ".git").exists():
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
         pytest.skip("not a git checkout")
     kept = ("result.json", "metrics.jsonl", "splits.npz")
     paths = [f"results/some-protocol/mini/{name}/seed0/{f}" for name in registry.methods() for f in kept]
     paths += ["results/some-protocol/leaderboard.csv", "results/some-protocol/mini_leaderboard.png"]
-    out = subprocess.run(["git", "check-ignore", "--no-index", *paths], cwd=root, capture_output=True, text=True)
+    out = subprocess.run(["git", "check-ignore", "--no-index", *paths], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 1 and out.stdout == "", f"git ignores: {out.stdout}"
