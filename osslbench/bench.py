@@ -21,6 +21,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -38,6 +39,7 @@ from .optim import Schedule, make_optimizer
 from .protocol import Protocol
 from .reference_pipeline import reference_batches, reference_data, reference_step
 from .registry import get_method, method_config
+from .teacher_view_cache import mean_hit_rate, prefill
 from .trainer import Trainer
 
 SHARES = ("data", "teacher", "student", "loss")
@@ -56,6 +58,7 @@ class BenchOptions:
     teacher: str | None = None  # a teacher checkpoint; default: the architecture, initialised from the seed
     seed: int = 0
     reference: bool = True
+    labelled_hit_rate: float | None = None  # None = the mean of a whole run at the protocol's scale
 
 
 def device_model(device: torch.device) -> str:
@@ -173,6 +176,8 @@ def run_bench(protocol: Protocol, method_name: str, opts: BenchOptions) -> dict:
     """Time osslbench's step and the reference's on the same work; the report (see the module docstring)."""
     if opts.steps < 1 or opts.warmup < 0:
         raise OsslbenchError("--steps must be >= 1 and --warmup >= 0")
+    if opts.labelled_hit_rate is not None and not 0.0 <= opts.labelled_hit_rate <= 1.0:
+        raise OsslbenchError(f"--labelled-hit-rate must be in [0, 1], got {opts.labelled_hit_rate}")
     if opts.threads:
         torch.set_num_threads(opts.threads)
     device = pick_device(opts.device)
@@ -193,17 +198,32 @@ def run_bench(protocol: Protocol, method_name: str, opts: BenchOptions) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(method, data, schedule, Path(tmp), "bench", device, progress=False)
         cache = trainer.use_teacher_cache(force=True)  # the steady state of a long run
+        labelled = trainer.kernels["teacher_cache_labelled"]
+        lcache = trainer.labelled_cache
+        if lcache is not None:  # the labelled-view cache as a run has it on average (or at opts.labelled_hit_rate)
+            draws = (method.init_epochs(protocol.train.epochs) + protocol.train.epochs) * full_iters \
+                * protocol.train.batch_size / len(data.labelled_x)
+            share = mean_hit_rate(draws, lcache.views) if opts.labelled_hit_rate is None else opts.labelled_hit_rate
+            ahead = islice(trainer.pipeline.batches(0, method), opts.warmup + opts.steps + 1)
+            gen = torch.Generator().manual_seed(opts.seed)
+            labelled.update(run_draws_per_image=round(draws, 1), share_stored=round(share, 4),
+                            views_stored=prefill(lcache, ahead, share, gen, trainer.autocast))
         precision = trainer.precision
         method.train()
         clock = StepClock(method, device)
         batches = trainer.batches(0)
         clock.run(batches, trainer.step, opts.warmup, timed=False)
+        before = lcache.counts() if lcache is not None else {}
         clock.run(batches, trainer.step, opts.steps, timed=True)
+        if lcache is not None:  # the share of the timed steps' labelled rows it served
+            after = lcache.counts()
+            labelled["hit_rate"] = round((after["hits"] - before["hits"]) / (after["lookups"] - before["lookups"]), 4)
         clock.close()
         flops = _flops(trainer.step, next(batches))
     ours = clock.report(flops, precision)
     ours["memory_format"] = "channels_last" if protocol.train.channels_last else "contiguous"
     ours["teacher_cache"] = cache
+    ours["teacher_cache_labelled"] = labelled
     report["osslbench"] = ours
     report["epoch_iters"] = full_iters
     report["epoch_s"] = {"osslbench": round(full_iters * ours["step_s"], 1)}
@@ -258,6 +278,11 @@ def format_report(r: dict) -> str:
     c = r["osslbench"]["teacher_cache"]
     lines.append("teacher cache: " + (f"on ({', '.join(c['outputs'])}; {c['MiB']} MiB; built in {c['build_s']} s)"
                                       if c.get("used") else c.get("why", "off")))
+    lc = r["osslbench"]["teacher_cache_labelled"]
+    lines.append("labelled-view cache: " + (
+        f"served {lc['hit_rate']:.1%} of the timed labelled rows (stored beforehand: {lc['share_stored']:.1%} of "
+        f"the views drawn, a whole run's mean at {lc['run_draws_per_image']:g} draws per image of {lc['views']} "
+        f"views; {lc['MiB']:,.0f} MiB at the end of a run)" if lc.get("used") else lc.get("why", "off")))
     epoch = ", ".join(f"{k} {v:,.0f} s" for k, v in r["epoch_s"].items())
     lines.append(f"one epoch of {r['epoch_iters']} steps at this scale: {epoch}")
     return "\n".join(lines)

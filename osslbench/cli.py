@@ -68,6 +68,9 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--teacher", default=None, help="teacher checkpoint (default: the architecture, untrained)")
     bench.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     bench.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
+    bench.add_argument("--labelled-hit-rate", type=float, default=None,
+                       help="share of labelled views served by the labelled-view cache while timed (default: the mean "
+                            "of a whole run at the protocol's scale; 0 = a run's first epoch)")
     bench.add_argument("--no-reference", action="store_true", help="time osslbench only")
     bench.add_argument("--json", action="store_true", help="print the report as JSON")
 
@@ -152,7 +155,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     protocol = load_protocol(args.protocol, args.scale, parse_overrides(args.overrides))
     get_method(args.method)  # an unknown name is one line naming it
     opts = BenchOptions(data_root=args.data_root, steps=args.steps, warmup=args.warmup, workers=args.workers,
-                        device=args.device, threads=args.threads, teacher=args.teacher, reference=not args.no_reference)
+                        device=args.device, threads=args.threads, teacher=args.teacher, reference=not args.no_reference,
+                        labelled_hit_rate=args.labelled_hit_rate)
     report = run_bench(protocol, args.method, opts)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
 

@@ -8,6 +8,7 @@ the figure is the process's peak since it started, and the result says so (``rss
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -51,3 +52,13 @@ def peak(device: torch.device, scope: str) -> dict[str, float | str]:
     if device.type == "cuda":
         out["cuda_peak_MiB"] = round(torch.cuda.max_memory_allocated(device) / _MiB, 1)
     return out
+
+
+def device_bytes(device: torch.device) -> int:
+    """The memory of ``device``: the GPU's, or the machine's physical memory for the CPU (0 if unknown)."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows)
+        return 0

@@ -76,6 +76,11 @@ class Batch:
     :param idx_lb: positions of the labelled images in the labelled set (per-sample state over the whole
         training set, e.g. CRD's memory bank: labelled position ``i`` and pool position ``labelled_size + j``).
     :param init_epochs: epochs of the method's initialisation stage at the start of the run (``Method.init_epochs``).
+    :param views_lb: which crop + flip each labelled image got when ``Method.labelled_views[0]`` is ``"weak"``
+        (ids of :func:`osslbench.data.augment.random_crop_flip_ids`, CPU); None for the other views.
+    :param teacher_lb: serves the frozen teacher's outputs on ``x_lb`` from the labelled-view cache (computing only
+        the views it has not seen yet, ``osslbench/teacher_view_cache.py``); None = computed live. Read through
+        :meth:`Method.teacher_on`.
     """
 
     x_lb: Tensor
@@ -94,6 +99,8 @@ class Batch:
     init_epochs: int = 0
     flips_ulb: list[Tensor | None] = field(default_factory=list)
     teacher_ulb: dict[str, Tensor] | None = None
+    views_lb: Tensor | None = None
+    teacher_lb: Callable[[], dict[str, Tensor]] | None = None
 
     @property
     def in_init(self) -> bool:
@@ -267,12 +274,17 @@ class Method(nn.Module):
     def teacher_on(self, batch: Batch) -> dict[str, Tensor]:
         """The frozen teacher's ``teacher_outputs`` on labelled + unlabelled view 0 (labelled rows first), without
         gradient. The unlabelled rows come from the teacher-output cache when the Trainer attached them
-        (``batch.teacher_ulb``), bitwise equal to the forward pass they replace; the labelled rows are live."""
+        (``batch.teacher_ulb``) and the labelled rows from the labelled-view cache (``batch.teacher_lb``) when the
+        Trainer attached them, bitwise equal to the forward pass they replace."""
         with torch.no_grad():
-            if batch.teacher_ulb is None:
+            if batch.teacher_ulb is None and batch.teacher_lb is None:
                 return teacher_outputs(self.teacher, torch.cat([batch.x_lb, *batch.x_ulb[:1]]), self.teacher_outputs)
-            live = teacher_outputs(self.teacher, batch.x_lb, self.teacher_outputs)
-            return {k: torch.cat([live[k], batch.teacher_ulb[k]]) for k in self.teacher_outputs}
+            names = self.teacher_outputs
+            lb = batch.teacher_lb() if batch.teacher_lb is not None else teacher_outputs(self.teacher, batch.x_lb, names)
+            ulb = batch.teacher_ulb
+            if ulb is None:  # (the Trainer serves labelled rows alone only to runs without an unlabelled batch)
+                ulb = teacher_outputs(self.teacher, batch.x_ulb[0], names) if batch.x_ulb else {k: lb[k][:0] for k in names}
+            return {k: torch.cat([lb[k], ulb[k]]) for k in names}
 
     def record(self, **values: Tensor | float) -> None:
         """Figures to log, averaged over the epoch and not optimised (e.g. FixMatch's mask rate)."""

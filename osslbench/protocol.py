@@ -144,8 +144,9 @@ class TrainConfig:
     :param channels_last: channels-last memory format (faster convolutions; measured on a 2-core AVX2 CPU in fp32,
         training img/s NCHW -> channels-last: cnn-small 35.7k -> 45.9k, WRN-16-1 533 -> 637, WRN-16-2 178 -> 189).
     :param teacher_cache: serve a frozen teacher's outputs on ``"flip"``-view unlabelled images from a cache
-        computed once per pool image and flip (``osslbench/teacher_cache.py``); bitwise equal to the live forward
-        pass, checked before use, so it changes no number and is on by default.
+        computed once per pool image and flip (``osslbench/teacher_cache.py``), and on labelled crops + flips it
+        has already seen from a cache filled as the run goes (``osslbench/teacher_view_cache.py``); bitwise equal
+        to the live forward pass, checked before use, so it changes no number and is on by default.
     """
 
     epochs: int = 240

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -30,6 +31,7 @@ from .method import Batch, Method, PoolAccess
 from .models.checkpoint import safe_load
 from .optim import Schedule, make_optimizer
 from .teacher_cache import TeacherCache, attach_teacher_cache
+from .teacher_view_cache import LabelledViewCache, attach_labelled_cache
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -47,6 +49,7 @@ class Trainer:
         self.run_dir, self.config_hash, self.device = run_dir, config_hash, device
         self.cache_dir = cache_dir  # where the teacher-output cache is memory-mapped from (None = memory only)
         self.teacher_cache: TeacherCache | None = None
+        self.labelled_cache: LabelledViewCache | None = None
         self.kernels: dict = {}  # the kernel choices of this run, recorded with its result
         self.desc, self.progress = desc or method.name, progress
         tc = schedule.train
@@ -81,15 +84,19 @@ class Trainer:
         return self.pipeline.prepare(x)
 
     def batches(self, epoch: int) -> Iterator[Batch]:
-        """The pipeline's batches of ``epoch``, with the teacher-output cache's rows attached where it serves."""
+        """The pipeline's batches of ``epoch``, with the teacher-output caches' rows attached where they serve."""
         for batch in self.pipeline.batches(epoch, self.method):
             if self.teacher_cache is not None:
                 batch.teacher_ulb = self.teacher_cache.lookup(batch.idx_ulb, batch.flips_ulb[0], self.device)
+            if self.labelled_cache is not None and batch.views_lb is not None:
+                batch.teacher_lb = partial(self.labelled_cache.serve, batch.x_lb, batch.idx_lb, batch.views_lb)
             yield batch
 
     def use_teacher_cache(self, force: bool = False) -> dict:
-        """Serve the teacher's outputs on the pool from the cache where it applies (``osslbench.teacher_cache``)."""
+        """Serve the teacher's outputs from the caches where they apply: on the pool (``osslbench.teacher_cache``),
+        then on the labelled views (``osslbench.teacher_view_cache``); the pool cache's record."""
         self.teacher_cache, self.kernels["teacher_cache"] = attach_teacher_cache(self, force)
+        self.labelled_cache, self.kernels["teacher_cache_labelled"] = attach_labelled_cache(self, force)
         return self.kernels["teacher_cache"]
 
     def pool_map(self, fn: Callable[[Tensor], Tensor]) -> Tensor:
@@ -137,7 +144,9 @@ class Trainer:
 
     def run_facts(self) -> dict:
         """How the run was computed, for its ``result.json``: steps, precision, memory format, threads, hardware and
-        the kernel choices (the teacher-output cache: used or why not, size, build time)."""
+        the kernel choices (the teacher-output caches: used or why not, size, build time, what they served)."""
+        if self.labelled_cache is not None:  # (this process's share, when the run resumed)
+            self.kernels["teacher_cache_labelled"].update(self.labelled_cache.counts())
         return {"steps": self.epochs * self.iters, "precision": self.precision,
                 "memory_format": "channels_last" if self.memory_format == torch.channels_last else "contiguous",
                 "device": str(self.device), "threads": torch.get_num_threads(), "hardware": describe(self.device),

@@ -36,7 +36,22 @@ def test_both_pipelines_run_the_same_images_and_report_every_field(tmp_path, met
         assert ours["gflop_per_step"] < ref["gflop_per_step"]
         assert r["osslbench"]["shares"]["teacher"] > 0 and r["reference"]["shares"]["teacher"] > 0
     assert {"device_model", "threads", "epoch_s", "epoch_iters", "torch"} <= set(r)
+    labelled = ours["teacher_cache_labelled"]
+    assert labelled["used"] is (method != "fixmatch")
+    if labelled["used"]:  # stored beforehand: a whole run's mean share of its labelled draws
+        assert 0.0 < labelled["share_stored"] < 1.0 and 0.0 <= labelled["hit_rate"] <= 1.0
+        assert labelled["views"] == 18 and labelled["run_draws_per_image"] > 0
     assert "ratio osslbench / reference" in format_report(r)
+
+
+@pytest.mark.parametrize(("share", "low", "high"), [(1.0, 1.0, 1.0), (0.0, 0.0, 0.2)])
+def test_bench_times_the_labelled_view_cache_at_the_share_asked(tmp_path, share, low, high):
+    """Every labelled view of the timed steps stored beforehand: all served; none: only repeats of a view."""
+    protocol = load_protocol("digits-openset", None, parse_overrides(["data.flip=true"]))
+    opts = BenchOptions(data_root=tmp_path, steps=3, warmup=1, workers=0, reference=False, labelled_hit_rate=share)
+    labelled = run_bench(protocol, "srd", opts)["osslbench"]["teacher_cache_labelled"]
+    assert labelled["share_stored"] == share and low <= labelled["hit_rate"] <= high
+    assert "labelled-view cache: served" in format_report(run_bench(protocol, "kd", opts))
 
 
 def test_cli_bench_json(tmp_path, capsys):

@@ -19,6 +19,7 @@ from osslbench.protocol_loader import load_protocol
 from osslbench.registry import get_method, method_config, methods
 from osslbench.runner import RunOptions, run_one
 from osslbench.teacher_cache import cache_bytes, flip_mask
+from osslbench.teacher_view_cache import LabelledViewCache, mean_hit_rate
 from osslbench.trainer import Schedule, Trainer
 
 # digits with the flip on, so that both cached entries of an image are used
@@ -49,6 +50,15 @@ def _trainer(tmp_path: Path, method: str, overrides: list[str], cache_dir: Path 
     return Trainer(m, data, schedule, tmp_path / "run", "h", torch.device("cpu"), progress=False, cache_dir=cache_dir)
 
 
+def _losses(tr: Trainer, batch, state: dict, gen_state: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The method's losses on ``batch`` from the method state and generator state given (CRD's memory bank and
+    negatives), in the Trainer's precision (under which the caches were built)."""
+    tr.method.load_state_dict(state)
+    batch.gen.set_state(gen_state)
+    with tr.autocast():
+        return tr.method.losses(batch)
+
+
 # every method that declares teacher outputs, in fp32; SRD and KD in bf16 too
 DECLARING = sorted(m for m in methods() if get_method(m).teacher_outputs)
 
@@ -60,21 +70,22 @@ def test_losses_are_bitwise_equal_with_and_without_the_cache(tmp_path, method, o
     record = tr.use_teacher_cache(force=True)
     assert record["used"], record
     assert record["outputs"] == list(tr.method.teacher_outputs)
+    assert tr.kernels["teacher_cache_labelled"]["used"], tr.kernels["teacher_cache_labelled"]
     flipped_seen = set()
     for batch in tr.batches(0):
-        assert batch.teacher_ulb is not None
+        assert batch.teacher_ulb is not None and batch.teacher_lb is not None
         flipped_seen |= set(batch.flips_ulb[0].tolist())
         # a method's state (CRD's memory bank, its negatives' generator) as it was before the served pass
-        state, gen = copy.deepcopy(tr.method.state_dict()), batch.gen.get_state() if batch.gen is not None else None
-        with tr.autocast():  # the Trainer's precision, under which the cache was built
-            served = tr.method.losses(batch)
-            tr.method.load_state_dict(state)
-            if gen is not None:
-                batch.gen.set_state(gen)
-            live = tr.method.losses(type(batch)(**{**batch.__dict__, "teacher_ulb": None}))
-        assert served.keys() == live.keys()
-        for k in served:
-            assert torch.equal(served[k], live[k]), (k, served[k].item(), live[k].item())
+        state, gen = copy.deepcopy(tr.method.state_dict()), batch.gen.get_state()
+        first = _losses(tr, batch, state, gen)  # the labelled views seen for the first time are computed and stored
+        hits = tr.labelled_cache.hits
+        again = _losses(tr, batch, state, gen)  # now every labelled row is served from the cache
+        assert tr.labelled_cache.hits == hits + len(batch.x_lb)
+        live = _losses(tr, type(batch)(**{**batch.__dict__, "teacher_ulb": None, "teacher_lb": None}), state, gen)
+        for served in (first, again):
+            assert served.keys() == live.keys()
+            for k in served:
+                assert torch.equal(served[k], live[k]), (k, served[k].item(), live[k].item())
     assert flipped_seen == {False, True}  # both entries of the cache were served
 
 
@@ -139,12 +150,15 @@ def test_smoke_run_metrics_equal_with_and_without_the_cache(tmp_path):
     for method in ("srd", "kd"):
         rows = {}
         for on in (True, False):
-            # 15 steps per epoch: the run's 960 unlabelled teacher forwards pay for the cache's 2 x 480
-            overrides = [*FLIP, "train.iters_per_epoch=15", f"train.teacher_cache={str(on).lower()}"]
+            # 17 steps per epoch: the run's 1,088 unlabelled teacher forwards pay for the pool cache's 2 x 480, and
+            # its 1,088 labelled draws exceed the 60 images x 18 crops + flips (padding 1) of the labelled-view cache
+            overrides = [*FLIP, "train.iters_per_epoch=17", f"train.teacher_cache={str(on).lower()}"]
             protocol = load_protocol("digits-openset", None, parse_overrides(overrides))
             out = tmp_path / f"{method}-{on}"
             result = run_one(protocol, method, 0, RunOptions(data_root=tmp_path, out=out, progress=False))
             assert result["kernels"]["teacher_cache"]["used"] is on
+            labelled = result["kernels"]["teacher_cache_labelled"]
+            assert labelled["used"] is on and (not on or 0.3 < labelled["hit_rate"] < 0.7), labelled
             folder = out / "digits-openset" / "full" / method / "seed0"
             rows[on] = [{k: v for k, v in json.loads(line).items() if not k.endswith("_s")}
                         for line in (folder / "metrics.jsonl").read_text().splitlines()]
@@ -157,3 +171,46 @@ def test_sizes_of_the_paper_pool():
     full = cache_bytes({"final_map": (128, 8, 8)}, 100_000)
     assert small == 2 * 100_000 * 228 * 4 and round(small / 2**20) == 174
     assert full == 2 * 100_000 * 8192 * 4 and round(full / 2**30, 1) == 6.1
+
+
+# --------------------------------------------------------------------------------------------- labelled-view cache
+
+
+def test_mean_hit_rate_of_a_run():
+    """The paper: 240 epochs x 781 steps x 64 over 50,000 images = 239.9 draws of each image, 162 crops + flips."""
+    assert mean_hit_rate(240 * 781 * 64 / 50_000, 162) == pytest.approx(0.4783, abs=1e-4)
+    assert mean_hit_rate(5, 162) == pytest.approx(0.0152, abs=1e-4)  # mini scale: 4,000 steps x 64 over 50,000
+    assert mean_hit_rate(0, 162) == 0.0 and mean_hit_rate(1e6, 2) == pytest.approx(1.0, abs=1e-5)
+    # simulated: uniform draws, a view served when drawn before
+    gen = torch.Generator().manual_seed(0)
+    draws = torch.randint(0, 162, (2000, 240), generator=gen)
+    seen = [len(set(row)) for row in draws.tolist()]
+    assert 1 - sum(seen) / draws.numel() == pytest.approx(mean_hit_rate(240, 162), abs=0.005)
+
+
+def _labelled(tr: Trainer, force: bool = False) -> dict:
+    """The labelled-view cache's record once the Trainer attached its caches."""
+    tr.use_teacher_cache(force)
+    return tr.kernels["teacher_cache_labelled"]
+
+
+def test_labelled_cache_applies_where_it_pays_and_fits(tmp_path, monkeypatch):
+    assert "few would be drawn twice" in _labelled(_trainer(tmp_path, "srd", ["train.iters_per_epoch=16"]))["why"]
+    assert _labelled(_trainer(tmp_path, "srd", ["train.iters_per_epoch=17"]))["used"]  # 1,088 of 1,080
+    off = _trainer(tmp_path, "srd", ["train.teacher_cache=false"])
+    assert _labelled(off, force=True)["why"] == "off (train.teacher_cache = false)"
+    assert "no teacher outputs" in _labelled(_trainer(tmp_path, "fixmatch", []), force=True)["why"]
+    cropped = _trainer(tmp_path, "kd", [])
+    cropped.method.unlabelled_views = ("weak",)  # its unlabelled rows go through the teacher live, in one pass
+    assert "unlabelled rows go through the teacher live" in _labelled(cropped, force=True)["why"]
+    monkeypatch.setattr("osslbench.teacher_view_cache.device_bytes", lambda device: 2**20)  # 256 KiB < 0.5 MiB
+    assert "a quarter of the device's memory" in _labelled(_trainer(tmp_path, "srd", []), force=True)["why"]
+
+
+def test_labelled_cache_is_off_where_smaller_batches_change_the_bits(tmp_path, monkeypatch):
+    compute = LabelledViewCache.compute
+    monkeypatch.setattr(LabelledViewCache, "compute", lambda self, x: {k: v + (len(x) < 8) * 1e-6
+                                                                       for k, v in compute(self, x).items()})
+    tr = _trainer(tmp_path, "srd", [])
+    record = _labelled(tr, force=True)
+    assert not record["used"] and "rows of a smaller batch differ" in record["why"] and tr.labelled_cache is None

@@ -26,7 +26,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-__all__ = ["check_batch", "check_fill", "check_generator", "normalize", "random_crop_flip", "rotate90"]
+__all__ = ["check_batch", "check_fill", "check_generator", "crop_flip_views", "normalize", "random_crop_flip",
+           "random_crop_flip_ids", "rotate90"]
 
 # ----------------------------------------------------------------------------------------------------------- checks
 
@@ -61,6 +62,25 @@ def random_crop_flip(
     *,
     padding_mode: Literal["constant", "reflect"] = "constant",
 ) -> Tensor:
+    """Per-sample random crop and flip; :func:`random_crop_flip_ids`' view alone (same arguments, same draws)."""
+    return random_crop_flip_ids(x, gen, padding, flip, fill, padding_mode=padding_mode)[0]
+
+
+def crop_flip_views(padding: int) -> int:
+    """How many distinct crop + flip draws there are per image: ``(2 * padding + 1) ** 2`` corners x 2 flips
+    (162 for RepDistiller's ``padding=4``); the range of :func:`random_crop_flip_ids`' ids."""
+    return 2 * (2 * padding + 1) ** 2
+
+
+def random_crop_flip_ids(
+    x: Tensor,
+    gen: torch.Generator,
+    padding: int = 4,
+    flip: bool = True,
+    fill: int = 0,
+    *,
+    padding_mode: Literal["constant", "reflect"] = "constant",
+) -> tuple[Tensor, Tensor]:
     """Per-sample random crop of the padded image and random horizontal flip (the "weak" view).
 
     Semantics of torchvision's ``RandomCrop(size=(H, W), padding=padding, fill=fill, padding_mode=padding_mode)``
@@ -80,7 +100,9 @@ def random_crop_flip(
     :param flip: whether to flip horizontally with probability 0.5.
     :param fill: value of the padding pixels for ``padding_mode="constant"``.
     :param padding_mode: ``"constant"`` (torchvision's default) or ``"reflect"`` (edge pixel not repeated).
-    :return: uint8 ``N x C x H x W``, a new tensor.
+    :return: uint8 ``N x C x H x W``, a new tensor, and which draw each sample got: the CPU int64 id
+        ``(row offset * (2 * padding + 1) + column offset) * 2 + flipped``, in ``range(crop_flip_views(padding))``
+        (the labelled-view cache, ``osslbench/teacher_view_cache.py``, keys the teacher's outputs by it).
     """
     check_batch(x)
     check_generator(gen)
@@ -114,7 +136,7 @@ def random_crop_flip(
     out = x.reshape(n, c, h * w).gather(2, index).view(n, c, h, w)
     if inside is not None and padding > 0:
         out = out.masked_fill_(~inside[:, None], fill)
-    return out
+    return out, (off_y * (2 * padding + 1) + off_x) * 2 + flips.long()
 
 
 

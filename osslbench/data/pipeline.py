@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ..method import Batch
 from ..teacher_cache import flip_mask
-from .augment import check_batch, normalize, random_crop_flip
+from .augment import check_batch, normalize, random_crop_flip, random_crop_flip_ids
 from .randaugment import rand_augment
 
 if TYPE_CHECKING:
@@ -45,13 +45,20 @@ VIEWS: dict[str, View] = {
     # the image as it is (no augmentation, no copy)
     "plain": lambda x, gen, padding, flip, mode: x,
     # padded random crop + horizontal flip: RandomCrop(32, padding=4) + RandomHorizontalFlip (RepDistiller, FixMatch)
-    "weak": lambda x, gen, padding, flip, mode: random_crop_flip(x, gen, padding=padding, flip=flip, padding_mode=mode),
+    "weak": lambda x, gen, padding, flip, mode: _weak_ids(x, gen, padding, flip, mode)[0],
     # flip only: the SRD paper's unlabelled images are resized to 32 and flipped, never cropped
     "flip": lambda x, gen, padding, flip, mode: random_crop_flip(x, gen, padding=0, flip=flip),
     # weak + RandAugment + Cutout: the FixMatch reimplementation's strong transform (RandAugmentMC(n=2, m=10))
     "strong": lambda x, gen, padding, flip, mode: rand_augment(
         random_crop_flip(x, gen, padding=padding, flip=flip, padding_mode=mode), gen),
 }
+
+
+def _weak_ids(x: Tensor, gen: torch.Generator, padding: int, flip: bool, mode: str) -> tuple[Tensor, Tensor]:
+    """The ``"weak"`` view and which crop + flip each image got (the labelled-view cache's key)."""
+    return random_crop_flip_ids(x, gen, padding=padding, flip=flip, padding_mode=mode)  # type: ignore[arg-type]
+
+
 #: The view kinds of :data:`VIEWS`.
 VIEW_KINDS: tuple[str, ...] = tuple(VIEWS)
 
@@ -130,8 +137,17 @@ class BatchPipeline:
         sel = None
         if subset is not None and len(subset) >= n_ulb:
             sel = subset.cpu()[index_stream(len(subset), n_ulb, steps, gen)]
+        first, *extra = method.labelled_views
         for i in range(steps):
-            x, *x_extra = self._views(d.labelled_x[lab[i]], method.labelled_views, gen, mode)
+            raw_l = d.labelled_x[lab[i]]
+            views_lb = None
+            if first == "weak":  # which crop + flip each image got: the labelled-view cache serves that entry
+                check_batch(raw_l)
+                x, views_lb = _weak_ids(raw_l, gen, d.crop_padding, d.flip, mode)
+                x = self.prepare(x)
+            else:
+                x = self._views(raw_l, (first,), gen, mode)[0]
+            x_extra = self._views(raw_l, extra, gen, mode)
             idx_u = ulb[i] if ulb is not None else torch.empty(0, dtype=torch.long)
             raw_u = d.unlabelled_x[idx_u] if ulb is not None else None
             v_u = views(raw_u, method.unlabelled_views, gen, d.crop_padding, d.flip, mode) if raw_u is not None else []
@@ -143,7 +159,7 @@ class BatchPipeline:
             x_s = self._views(d.unlabelled_x[idx_s], method.selected_views, gen, mode) if sel is not None else []
             yield Batch(x, d.labelled_y[lab[i]].to(self.device), x_u, idx_u, epoch, epoch * steps + i, steps,
                         self.epochs, x_s, idx_s, gen, x_extra, idx_lb=lab[i], init_epochs=self.init_epochs,
-                        flips_ulb=flips_u)
+                        flips_ulb=flips_u, views_lb=views_lb)
 
     def pool_map(self, model: torch.nn.Module, fn: Callable[[Tensor], Tensor], batch_size: int,
                  autocast: Callable[[], object]) -> Tensor:
