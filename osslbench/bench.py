@@ -282,7 +282,7 @@ def format_report(r: dict) -> str:
     lines.append("labelled-view cache: " + (
         f"served {lc['hit_rate']:.1%} of the timed labelled rows (stored beforehand: {lc['share_stored']:.1%} of "
         f"the views drawn, a whole run's mean at {lc['run_draws_per_image']:g} draws per image of {lc['views']} "
-        f"views; {lc['MiB']:,.0f} MiB at the end of a run)" if lc.get("used") else lc.get("why", "off")))
+        f"views; at most {lc['MiB']:,.0f} MiB)" if lc.get("used") else lc.get("why", "off")))
     epoch = ", ".join(f"{k} {v:,.0f} s" for k, v in r["epoch_s"].items())
     lines.append(f"one epoch of {r['epoch_iters']} steps at this scale: {epoch}")
     return "\n".join(lines)

@@ -142,7 +142,6 @@ class BatchPipeline:
             raw_l = d.labelled_x[lab[i]]
             views_lb = None
             if first == "weak":  # which crop + flip each image got: the labelled-view cache serves that entry
-                check_batch(raw_l)
                 x, views_lb = _weak_ids(raw_l, gen, d.crop_padding, d.flip, mode)
                 x = self.prepare(x)
             else:
