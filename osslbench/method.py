@@ -77,7 +77,7 @@ class Batch:
         training set, e.g. CRD's memory bank: labelled position ``i`` and pool position ``labelled_size + j``).
     :param init_epochs: epochs of the method's initialisation stage at the start of the run (``Method.init_epochs``).
     :param views_lb: which crop + flip each labelled image got when ``Method.labelled_views[0]`` is ``"weak"``
-        (ids of :func:`osslbench.data.augment.random_crop_flip_ids`, CPU); None for the other views.
+        (:attr:`osslbench.data.augment.CropFlip.ids`, CPU); None for the other views.
     :param teacher_lb: serves the frozen teacher's outputs on ``x_lb`` from the labelled-view cache (computing only
         the views it has not seen yet, ``osslbench/teacher_view_cache.py``); None = computed live. Read through
         :meth:`Method.teacher_on`.

@@ -117,10 +117,13 @@ def test_crop_flip_is_a_window_of_the_padded_image(c: int, size: int, padding: i
 
 @pytest.mark.parametrize(("c", "size", "padding", "mode"), _CROP_CASES)
 def test_crop_flip_ids_name_the_window_drawn(c: int, size: int, padding: int, mode: str) -> None:
-    """Same view and draws as random_crop_flip; the id decodes to the window and flip that produced it."""
+    """Drawn first, then applied: the same view as random_crop_flip; the id decodes to the window and flip drawn."""
     x = torch.randint(1, 256, (40, c, size, size), dtype=torch.uint8, generator=_gen(4))
-    out, ids = A.random_crop_flip_ids(x, _gen(5), padding=padding, padding_mode=mode)  # type: ignore[arg-type]
+    gen = _gen(5)
+    draws = A.draw_crop_flip(len(x), gen, padding)
+    out = A.random_crop_flip(x, gen, padding=padding, padding_mode=mode, draws=draws)  # type: ignore[arg-type]
     assert torch.equal(out, A.random_crop_flip(x, _gen(5), padding=padding, padding_mode=mode))  # type: ignore[arg-type]
+    ids = draws.ids
     assert ids.dtype == torch.int64 and bool(((ids >= 0) & (ids < A.crop_flip_views(padding))).all())
     padded = F.pad(x.float(), (padding,) * 4, mode=mode).to(torch.uint8)
     span = 2 * padding + 1
@@ -130,6 +133,8 @@ def test_crop_flip_ids_name_the_window_drawn(c: int, size: int, padding: int, mo
         assert torch.equal(out[i], window.flip(-1) if flipped else window)
     assert len(set(ids.tolist())) > 10  # the draws spread over the views
     assert A.crop_flip_views(4) == 162 and A.crop_flip_views(0) == 2
+    with pytest.raises(ValueError, match="draws for 40 samples at padding"):
+        A.random_crop_flip(x, gen, padding=padding + 1, draws=draws)
 
 
 def test_crop_flip_fill_value() -> None:

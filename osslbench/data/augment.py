@@ -21,13 +21,14 @@ Sources of the defaults:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-__all__ = ["check_batch", "check_fill", "check_generator", "crop_flip_views", "normalize", "random_crop_flip",
-           "random_crop_flip_ids", "rotate90"]
+__all__ = ["CropFlip", "check_batch", "check_fill", "check_generator", "crop_flip_views", "draw_crop_flip", "normalize",
+           "random_crop_flip", "rotate90"]
 
 # ----------------------------------------------------------------------------------------------------------- checks
 
@@ -53,6 +54,41 @@ def check_fill(fill: int) -> None:
 # -------------------------------------------------------------------------------------------------------- weak view
 
 
+@dataclass(frozen=True)
+class CropFlip:
+    """A batch's crop + flip draws (:func:`draw_crop_flip`): each crop's top-left corner in the padded image and
+    whether it is flipped (CPU tensors)."""
+
+    off_y: Tensor
+    off_x: Tensor
+    flips: Tensor
+    padding: int
+
+    @property
+    def ids(self) -> Tensor:
+        """Which draw each sample got, ``(row offset * (2 * padding + 1) + column offset) * 2 + flipped`` (int64), in
+        ``range(crop_flip_views(padding))``: the labelled-view cache (``osslbench/teacher_view_cache.py``) keys the
+        teacher's outputs by it."""
+        return (self.off_y * (2 * self.padding + 1) + self.off_x) * 2 + self.flips.long()
+
+
+def crop_flip_views(padding: int) -> int:
+    """How many distinct crop + flip draws there are per image: ``(2 * padding + 1) ** 2`` corners x 2 flips
+    (162 for RepDistiller's ``padding=4``)."""
+    return 2 * (2 * padding + 1) ** 2
+
+
+def draw_crop_flip(n: int, gen: torch.Generator, padding: int = 4, flip: bool = True) -> CropFlip:
+    """The ``3 * n`` draws of :func:`random_crop_flip` (row offsets, column offsets, flip coins), in its order."""
+    check_generator(gen)
+    if padding < 0:
+        raise ValueError(f"padding must be >= 0, got {padding}")
+    off_y = torch.randint(0, 2 * padding + 1, (n,), generator=gen)
+    off_x = torch.randint(0, 2 * padding + 1, (n,), generator=gen)
+    flips = torch.rand(n, generator=gen) < 0.5
+    return CropFlip(off_y, off_x, flips if flip else torch.zeros_like(flips), padding)
+
+
 def random_crop_flip(
     x: Tensor,
     gen: torch.Generator,
@@ -61,26 +97,8 @@ def random_crop_flip(
     fill: int = 0,
     *,
     padding_mode: Literal["constant", "reflect"] = "constant",
+    draws: CropFlip | None = None,
 ) -> Tensor:
-    """Per-sample random crop and flip; :func:`random_crop_flip_ids`' view alone (same arguments, same draws)."""
-    return random_crop_flip_ids(x, gen, padding, flip, fill, padding_mode=padding_mode)[0]
-
-
-def crop_flip_views(padding: int) -> int:
-    """How many distinct crop + flip draws there are per image: ``(2 * padding + 1) ** 2`` corners x 2 flips
-    (162 for RepDistiller's ``padding=4``); the range of :func:`random_crop_flip_ids`' ids."""
-    return 2 * (2 * padding + 1) ** 2
-
-
-def random_crop_flip_ids(
-    x: Tensor,
-    gen: torch.Generator,
-    padding: int = 4,
-    flip: bool = True,
-    fill: int = 0,
-    *,
-    padding_mode: Literal["constant", "reflect"] = "constant",
-) -> tuple[Tensor, Tensor]:
     """Per-sample random crop of the padded image and random horizontal flip (the "weak" view).
 
     Semantics of torchvision's ``RandomCrop(size=(H, W), padding=padding, fill=fill, padding_mode=padding_mode)``
@@ -92,7 +110,8 @@ def random_crop_flip_ids(
 
     Vectorised: one gather with per-sample index arithmetic, no loop over the samples and no padded copy.
 
-    Draws ``3 * N`` values from ``gen`` (row offsets, column offsets, flip coins), whatever the arguments.
+    Draws ``3 * N`` values from ``gen`` (row offsets, column offsets, flip coins), whatever the arguments, unless
+    ``draws`` gives them (:func:`draw_crop_flip`, so that a caller keeps which crop each sample got).
 
     :param x: uint8 ``N x C x H x W`` (CPU or GPU).
     :param gen: CPU generator the random values come from.
@@ -100,9 +119,8 @@ def random_crop_flip_ids(
     :param flip: whether to flip horizontally with probability 0.5.
     :param fill: value of the padding pixels for ``padding_mode="constant"``.
     :param padding_mode: ``"constant"`` (torchvision's default) or ``"reflect"`` (edge pixel not repeated).
-    :return: uint8 ``N x C x H x W``, a new tensor, and which draw each sample got: the CPU int64 id
-        ``(row offset * (2 * padding + 1) + column offset) * 2 + flipped``, in ``range(crop_flip_views(padding))``
-        (the labelled-view cache, ``osslbench/teacher_view_cache.py``, keys the teacher's outputs by it).
+    :param draws: the draws to apply (from :func:`draw_crop_flip` with the same ``padding``, one per sample).
+    :return: uint8 ``N x C x H x W``, a new tensor.
     """
     check_batch(x)
     check_generator(gen)
@@ -114,11 +132,10 @@ def random_crop_flip_ids(
     n, c, h, w = x.shape
     if padding_mode == "reflect" and padding >= min(h, w):
         raise ValueError(f"reflect padding {padding} needs images larger than it, got {h} x {w}")
-    off_y = torch.randint(0, 2 * padding + 1, (n,), generator=gen)
-    off_x = torch.randint(0, 2 * padding + 1, (n,), generator=gen)
-    flips = torch.rand(n, generator=gen) < 0.5
-    if not flip:
-        flips = torch.zeros_like(flips)
+    if draws is not None and (draws.padding != padding or len(draws.flips) != n):
+        raise ValueError(f"draws for {len(draws.flips)} samples at padding {draws.padding}, not {n} at {padding}")
+    d = draws if draws is not None else draw_crop_flip(n, gen, padding, flip)
+    off_y, off_x, flips = d.off_y, d.off_x, d.flips
     device = x.device
     ar_h = torch.arange(h, device=device)
     ar_w = torch.arange(w, device=device)
@@ -136,7 +153,7 @@ def random_crop_flip_ids(
     out = x.reshape(n, c, h * w).gather(2, index).view(n, c, h, w)
     if inside is not None and padding > 0:
         out = out.masked_fill_(~inside[:, None], fill)
-    return out, (off_y * (2 * padding + 1) + off_x) * 2 + flips.long()
+    return out
 
 
 

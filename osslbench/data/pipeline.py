@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ..method import Batch
 from ..teacher_cache import flip_mask
-from .augment import check_batch, normalize, random_crop_flip, random_crop_flip_ids
+from .augment import check_batch, draw_crop_flip, normalize, random_crop_flip
 from .randaugment import rand_augment
 
 if TYPE_CHECKING:
@@ -56,7 +56,9 @@ VIEWS: dict[str, View] = {
 
 def _weak_ids(x: Tensor, gen: torch.Generator, padding: int, flip: bool, mode: str) -> tuple[Tensor, Tensor]:
     """The ``"weak"`` view and which crop + flip each image got (the labelled-view cache's key)."""
-    return random_crop_flip_ids(x, gen, padding=padding, flip=flip, padding_mode=mode)  # type: ignore[arg-type]
+    check_batch(x)
+    draws = draw_crop_flip(len(x), gen, padding, flip)
+    return random_crop_flip(x, gen, padding, flip, padding_mode=mode, draws=draws), draws.ids  # type: ignore[arg-type]
 
 
 #: The view kinds of :data:`VIEWS`.
