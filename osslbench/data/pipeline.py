@@ -45,7 +45,7 @@ VIEWS: dict[str, View] = {
     # the image as it is (no augmentation, no copy)
     "plain": lambda x, gen, padding, flip, mode: x,
     # padded random crop + horizontal flip: RandomCrop(32, padding=4) + RandomHorizontalFlip (RepDistiller, FixMatch)
-    "weak": lambda x, gen, padding, flip, mode: _weak_ids(x, gen, padding, flip, mode)[0],
+    "weak": lambda x, gen, padding, flip, mode: random_crop_flip(x, gen, padding=padding, flip=flip, padding_mode=mode),
     # flip only: the SRD paper's unlabelled images are resized to 32 and flipped, never cropped
     "flip": lambda x, gen, padding, flip, mode: random_crop_flip(x, gen, padding=0, flip=flip),
     # weak + RandAugment + Cutout: the FixMatch reimplementation's strong transform (RandAugmentMC(n=2, m=10))
@@ -55,7 +55,8 @@ VIEWS: dict[str, View] = {
 
 
 def _weak_ids(x: Tensor, gen: torch.Generator, padding: int, flip: bool, mode: str) -> tuple[Tensor, Tensor]:
-    """The ``"weak"`` view and which crop + flip each image got (the labelled-view cache's key)."""
+    """:data:`VIEWS`' ``"weak"`` view (same draws) and which crop + flip each image got (the labelled-view cache's
+    key)."""
     check_batch(x)
     draws = draw_crop_flip(len(x), gen, padding, flip)
     return random_crop_flip(x, gen, padding, flip, padding_mode=mode, draws=draws), draws.ids  # type: ignore[arg-type]
