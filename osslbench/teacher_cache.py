@@ -160,15 +160,15 @@ def verify(cache: TeacherCache, live: Callable[[Tensor, Tensor], dict[str, Tenso
     """Compare the cached rows of pool images ``idx`` (flips ``flipped``) with ``live(idx, flipped)``, the live
     forward pass's rows for them in a batch of the training shape; None when bitwise equal, else the largest
     absolute difference."""
-    served = cache.lookup(idx, flipped, device)
-    fresh = live(idx, flipped)
-    worst = 0.0
-    for k, v in served.items():
-        if v.dtype != fresh[k].dtype or not torch.equal(v, fresh[k]):
-            worst = max(worst, float((v.float() - fresh[k].float()).abs().max()) if v.shape == fresh[k].shape
-                        else float("inf"))
-            worst = worst or float("nan")
-    return None if worst == 0.0 else worst
+    return bitwise_diff(cache.lookup(idx, flipped, device), live(idx, flipped))
+
+
+def bitwise_diff(served: dict[str, Tensor], fresh: dict[str, Tensor]) -> float | None:
+    """None when every output of ``served`` is bitwise ``fresh``'s (same dtype too), else the largest absolute
+    difference (inf for another shape, nan for equal values in another dtype)."""
+    diffs = [float((v.float() - fresh[k].float()).abs().max()) if v.shape == fresh[k].shape else float("inf")
+             for k, v in served.items() if not (v.dtype == fresh[k].dtype and torch.equal(v, fresh[k]))]
+    return (max(diffs) or float("nan")) if diffs else None
 
 
 def cache_applies(trainer: Trainer, force: bool = False) -> str:

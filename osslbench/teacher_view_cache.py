@@ -34,7 +34,7 @@ from torch import Tensor
 from .data.augment import crop_flip_views
 from .memory import device_bytes
 from .models.base import Net
-from .teacher_cache import teacher_outputs
+from .teacher_cache import bitwise_diff, teacher_outputs
 
 if TYPE_CHECKING:
     from .method import Batch
@@ -137,8 +137,8 @@ def attach_labelled_cache(trainer: Trainer, force: bool = False) -> tuple[Labell
     with torch.no_grad(), t.autocast():
         live = teacher_outputs(t.method.teacher, x, names)
         rows = {n: cache.compute(x[torch.arange(n, device=x.device)]) for n in sorted({1, n_lb // 2 + 1, n_lb})}
-    diffs = [float((out[k].float() - live[k][:n].float()).abs().max()) for n, out in rows.items() for k in names
-             if not (out[k].dtype == live[k].dtype and torch.equal(out[k], live[k][:n]))]
+    found = [bitwise_diff(out, {k: v[:n] for k, v in live.items()}) for n, out in rows.items()]
+    diffs = [x for x in found if x is not None]
     entry = sum(v[0].numel() * v.element_size() for v in live.values())
     need, budget = len(d.labelled_x) * views * entry, device_bytes(t.device) // 4
     record = {"used": False, "outputs": list(names), "views": views, "MiB": round(need / 2**20, 1)}
