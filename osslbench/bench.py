@@ -59,6 +59,7 @@ class BenchOptions:
     seed: int = 0
     reference: bool = True
     labelled_hit_rate: float | None = None  # None = the mean of a whole run at the protocol's scale
+    prior_runs: int = 0  # whole runs before it that shared the labelled-view cache (a grid's later runs)
 
 
 def device_model(device: torch.device) -> str:
@@ -178,6 +179,8 @@ def run_bench(protocol: Protocol, method_name: str, opts: BenchOptions) -> dict:
         raise OsslbenchError("--steps must be >= 1 and --warmup >= 0")
     if opts.labelled_hit_rate is not None and not 0.0 <= opts.labelled_hit_rate <= 1.0:
         raise OsslbenchError(f"--labelled-hit-rate must be in [0, 1], got {opts.labelled_hit_rate}")
+    if opts.prior_runs < 0:
+        raise OsslbenchError(f"--prior-runs must be >= 0, got {opts.prior_runs}")
     if opts.threads:
         torch.set_num_threads(opts.threads)
     device = pick_device(opts.device)
@@ -203,7 +206,10 @@ def run_bench(protocol: Protocol, method_name: str, opts: BenchOptions) -> dict:
         if lcache is not None:  # the labelled-view cache as a run has it on average (or at opts.labelled_hit_rate)
             draws = (method.init_epochs(protocol.train.epochs) + protocol.train.epochs) * full_iters \
                 * protocol.train.batch_size / len(data.labelled_x)
-            share = mean_hit_rate(draws, lcache.views) if opts.labelled_hit_rate is None else opts.labelled_hit_rate
+            share = opts.labelled_hit_rate
+            if share is None:
+                share = mean_hit_rate(draws, lcache.views, prior_draws=opts.prior_runs * draws)
+                labelled["prior_runs"] = opts.prior_runs
             ahead = islice(trainer.pipeline.batches(0, method), opts.warmup + opts.steps + 1)
             gen = torch.Generator().manual_seed(opts.seed)
             labelled.update(run_draws_per_image=round(draws, 1), share_stored=round(share, 4),
@@ -279,9 +285,11 @@ def format_report(r: dict) -> str:
     lines.append("teacher cache: " + (f"on ({', '.join(c['outputs'])}; {c['MiB']} MiB; built in {c['build_s']} s)"
                                       if c.get("used") else c.get("why", "off")))
     lc = r["osslbench"]["teacher_cache_labelled"]
+    prior = lc.get("prior_runs")
+    mean = ("a set share" if prior is None else "a whole run's mean" + (f" after {prior} earlier runs" if prior else ""))
     lines.append("labelled-view cache: " + (
         f"served {lc['hit_rate']:.1%} of the timed labelled rows (stored beforehand: {lc['share_stored']:.1%} of "
-        f"the views drawn, a whole run's mean at {lc['run_draws_per_image']:g} draws per image of {lc['views']} "
+        f"the views drawn, {mean} at {lc['run_draws_per_image']:g} draws per image of {lc['views']} "
         f"views; at most {lc['MiB']:,.0f} MiB)" if lc.get("used") else lc.get("why", "off")))
     epoch = ", ".join(f"{k} {v:,.0f} s" for k, v in r["epoch_s"].items())
     lines.append(f"one epoch of {r['epoch_iters']} steps at this scale: {epoch}")

@@ -71,6 +71,9 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--labelled-hit-rate", type=float, default=None,
                        help="share of labelled views served by the labelled-view cache while timed (default: the mean "
                             "of a whole run at the protocol's scale; 0 = a run's first epoch)")
+    bench.add_argument("--prior-runs", type=int, default=0,
+                       help="time the mean of a run that finds the labelled views of this many whole earlier runs "
+                            "stored (a grid's later seeds or methods with the same teacher; default: 0)")
     bench.add_argument("--no-reference", action="store_true", help="time osslbench only")
     bench.add_argument("--json", action="store_true", help="print the report as JSON")
 
@@ -156,7 +159,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     get_method(args.method)  # an unknown name is one line naming it
     opts = BenchOptions(data_root=args.data_root, steps=args.steps, warmup=args.warmup, workers=args.workers,
                         device=args.device, threads=args.threads, teacher=args.teacher, reference=not args.no_reference,
-                        labelled_hit_rate=args.labelled_hit_rate)
+                        labelled_hit_rate=args.labelled_hit_rate, prior_runs=args.prior_runs)
     report = run_bench(protocol, args.method, opts)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
 

@@ -80,6 +80,16 @@ def cache_key(teacher: Net, pool: Tensor, names: Sequence[str], context: dict[st
     return h.hexdigest()[:16]
 
 
+def kernel_context(trainer: Trainer) -> dict[str, object]:
+    """What a teacher's output bits depend on besides its weights and the images, in ``trainer``'s run: the
+    normalisation, precision, device, memory format and thread count (part of both caches' keys)."""
+    t = trainer
+    probe = t.autocast()
+    precision = f"autocast-{probe.fast_dtype}" if isinstance(probe, torch.autocast) else "fp32"
+    return {"mean": tuple(t.data.mean), "std": tuple(t.data.std), "precision": precision, "device": t.device.type,
+            "memory_format": str(t.memory_format), "threads": torch.get_num_threads()}
+
+
 def cache_bytes(shapes: dict[str, tuple[int, ...]], pool_size: int, itemsize: int = 4) -> int:
     """Bytes of a cache of ``pool_size`` images x 2 flips for outputs of per-image ``shapes``."""
     per_image = sum(int(torch.Size(s).numel()) for s in shapes.values())
@@ -201,11 +211,7 @@ def attach_teacher_cache(trainer: Trainer, force: bool = False) -> tuple[Teacher
     t, m, d, tc = trainer, trainer.method, trainer.data, trainer.s.train
     names = tuple(m.teacher_outputs)
     chunk = max(2, min(tc.eval_batch_size, len(d.unlabelled_x)))
-    probe = t.autocast()
-    precision = f"autocast-{probe.fast_dtype}" if isinstance(probe, torch.autocast) else "fp32"
-    context = {"mean": tuple(d.mean), "std": tuple(d.std), "precision": precision, "device": t.device.type,
-               "memory_format": str(t.memory_format), "threads": torch.get_num_threads(), "chunk": chunk}
-    key = cache_key(m.teacher, d.unlabelled_x, names, context)
+    key = cache_key(m.teacher, d.unlabelled_x, names, {**kernel_context(t), "chunk": chunk})
     cache = build_teacher_cache(m.teacher, d.unlabelled_x, names, t.prepare, t.autocast, chunk, key, t.cache_dir)
     # the live path's shape: labelled + unlabelled images through the teacher in one pass
     n = min(t.pipeline.unlabelled, len(d.unlabelled_x))

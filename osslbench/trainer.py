@@ -31,7 +31,7 @@ from .method import Batch, Method, PoolAccess
 from .models.checkpoint import safe_load
 from .optim import Schedule, make_optimizer
 from .teacher_cache import TeacherCache, attach_teacher_cache
-from .teacher_view_cache import LabelledViewCache, attach_labelled_cache
+from .teacher_view_cache import SHARD_SHARE, LabelledViewCache, attach_labelled_cache
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -112,6 +112,14 @@ class Trainer:
                  "ema": self.ema.state_dict() if self.ema else None, "history": self.history}
         atomic_write(self.run_dir / CHECKPOINT, lambda p: torch.save(state, p))
         self.write_metrics()
+        self.share_views(SHARD_SHARE if epoch < self.epochs else 0.0)
+
+    def share_views(self, min_share: float) -> None:
+        """Write the labelled views computed since the last shard for the runs that share them (and this one
+        when it resumes), if they reach ``min_share`` of all views; counted in ``result.json``."""
+        if self.labelled_cache is not None:
+            record = self.kernels["teacher_cache_labelled"]
+            record["views_saved"] = record.get("views_saved", 0) + self.labelled_cache.save(min_share)
 
     def write_metrics(self) -> None:
         """``metrics.jsonl``: one line per epoch of the history (rewritten whole, atomically)."""

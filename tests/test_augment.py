@@ -132,6 +132,8 @@ def test_crop_flip_ids_name_the_window_drawn(c: int, size: int, padding: int, mo
         window = padded[i, :, oy : oy + size, ox : ox + size]
         assert torch.equal(out[i], window.flip(-1) if flipped else window)
     assert len(set(ids.tolist())) > 10  # the draws spread over the views
+    again = A.CropFlip.from_ids(ids, padding)  # the labelled-view cache rebuilds a stored view from its id
+    assert torch.equal(A.random_crop_flip(x, _gen(0), padding=padding, padding_mode=mode, draws=again), out)  # type: ignore[arg-type]
     assert A.crop_flip_views(4) == 162 and A.crop_flip_views(0) == 2
     with pytest.raises(ValueError, match="draws for 40 samples at padding"):
         A.random_crop_flip(x, gen, padding=padding + 1, draws=draws)

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
 from osslbench.bench import SHARES, BenchOptions, format_report, run_bench
 from osslbench.cli import main
 from osslbench.config import parse_overrides
+from osslbench.errors import OsslbenchError
 from osslbench.protocol_loader import load_protocol
+from osslbench.teacher_view_cache import mean_hit_rate
 
 PIPELINE_FIELDS = {"images", "steps", "seconds", "img_per_s", "step_s", "shares", "precision", "gflop_per_step",
                    "gflop_per_image", "gflop_per_s", "memory_format"}
@@ -52,6 +55,22 @@ def test_bench_times_the_labelled_view_cache_at_the_share_asked(tmp_path, share,
     labelled = run_bench(protocol, "srd", opts)["osslbench"]["teacher_cache_labelled"]
     assert labelled["share_stored"] == share and low <= labelled["hit_rate"] <= high
     assert "labelled-view cache: served" in format_report(run_bench(protocol, "kd", opts))
+
+
+def test_bench_times_a_later_run_of_a_grid(tmp_path):
+    """--prior-runs 1: the labelled views stored are the mean share of a run after one whole earlier run."""
+    protocol = load_protocol("digits-openset", None, parse_overrides(["data.flip=true"]))
+    opts = BenchOptions(data_root=tmp_path, steps=2, warmup=0, workers=0, reference=False)
+    first = run_bench(protocol, "srd", opts)
+    later = run_bench(protocol, "srd", replace(opts, prior_runs=1))
+    a, b = (r["osslbench"]["teacher_cache_labelled"] for r in (first, later))
+    d, v = a["run_draws_per_image"], a["views"]
+    assert (a["prior_runs"], b["prior_runs"]) == (0, 1)
+    assert b["share_stored"] == pytest.approx(mean_hit_rate(d, v, prior_draws=d), abs=1e-3)
+    assert b["share_stored"] > a["share_stored"] == pytest.approx(mean_hit_rate(d, v), abs=1e-3)
+    assert "whole run's mean after 1 earlier runs" in format_report(later)
+    with pytest.raises(OsslbenchError, match="--prior-runs must be >= 0"):
+        run_bench(protocol, "srd", replace(opts, prior_runs=-1))
 
 
 def test_cli_bench_json(tmp_path, capsys):

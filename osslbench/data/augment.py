@@ -71,6 +71,12 @@ class CropFlip:
         teacher's outputs by it."""
         return (self.off_y * (2 * self.padding + 1) + self.off_x) * 2 + self.flips.long()
 
+    @classmethod
+    def from_ids(cls, ids: Tensor, padding: int) -> CropFlip:
+        """The draws whose :attr:`ids` are ``ids`` (to rebuild the views a cache entry was computed on)."""
+        corner, side = ids.long() // 2, 2 * padding + 1
+        return cls(corner // side, corner % side, ids % 2 == 1, padding)
+
 
 def crop_flip_views(padding: int) -> int:
     """How many distinct crop + flip draws there are per image: ``(2 * padding + 1) ** 2`` corners x 2 flips
