@@ -4,7 +4,8 @@ For one protocol, method and model pair, times ``steps`` training steps (after `
 osslbench's own loop (the real ``Trainer.batches`` + ``Trainer.step``, with its precision, memory format and
 teacher-output cache) and of the conventional reference pipeline (:mod:`osslbench.reference_pipeline`: PIL
 transforms in ``DataLoader`` workers, fp32, NCHW; the same models, loss code, batch sizes and images), in one
-process, one after the other. It reports images/s of each and their ratio (the figure of merit: absolute times
+process, taking turns in ``rounds`` (each pipeline's first step of a round untimed), so that a change in a shared
+machine's load falls on both. It reports images/s of each and their ratio (the figure of merit: absolute times
 vary between machines and with their load), the share of the step spent on data, teacher, student and loss, the
 precision, the CPU/GPU model, the FLOPs of one step (``torch.utils.flop_counter.FlopCounterMode``) and the
 achieved GFLOP/s.
@@ -60,6 +61,7 @@ class BenchOptions:
     reference: bool = True
     labelled_hit_rate: float | None = None  # None = the mean of a whole run at the protocol's scale
     prior_runs: int = 0  # whole runs before it that shared the labelled-view cache (a grid's later runs)
+    rounds: int = 4  # the timed steps run in this many rounds, the two pipelines taking turns
 
 
 def device_model(device: torch.device) -> str:
@@ -173,10 +175,16 @@ def _build(protocol: Protocol, method_name: str, data, teacher_path: str | None,
                    labelled_size=len(data.labelled_x), image_size=protocol.data.image_size)
 
 
+def _rounds(steps: int, rounds: int) -> list[int]:
+    """``steps`` timed steps split into ``rounds`` near-equal rounds (no empty one)."""
+    rounds = max(1, min(rounds, steps))
+    return [steps // rounds + (i < steps % rounds) for i in range(rounds)]
+
+
 def run_bench(protocol: Protocol, method_name: str, opts: BenchOptions) -> dict:
     """Time osslbench's step and the reference's on the same work; the report (see the module docstring)."""
-    if opts.steps < 1 or opts.warmup < 0:
-        raise OsslbenchError("--steps must be >= 1 and --warmup >= 0")
+    if opts.steps < 1 or opts.warmup < 0 or opts.rounds < 1:
+        raise OsslbenchError("--steps and --rounds must be >= 1 and --warmup >= 0")
     if opts.labelled_hit_rate is not None and not 0.0 <= opts.labelled_hit_rate <= 1.0:
         raise OsslbenchError(f"--labelled-hit-rate must be in [0, 1], got {opts.labelled_hit_rate}")
     if opts.prior_runs < 0:
@@ -188,13 +196,16 @@ def run_bench(protocol: Protocol, method_name: str, opts: BenchOptions) -> dict:
     data = load_run_data(protocol, splits, opts.data_root)
     cls = get_method(method_name)
     _, optim = method_config(cls, protocol)
-    iters = opts.warmup + opts.steps + 1
+    rounds = _rounds(opts.steps, opts.rounds if opts.reference else 1)
+    settle = len(rounds) if len(rounds) > 1 else 0  # one untimed step per pipeline at each switch
+    iters = opts.warmup + settle + opts.steps + 1
     full_iters = protocol.train.iters_per_epoch or max(1, len(data.labelled_x) // protocol.train.batch_size)
     schedule = Schedule(epochs=1, train=replace(protocol.train, iters_per_epoch=iters), optim=optim, seed=opts.seed)
     report: dict = {"protocol": protocol.name, "scale": protocol.scale, "method": method_name,
                     "teacher": protocol.models.teacher if cls.needs_teacher else None,
                     "student": protocol.models.student, "device": str(device), "device_model": device_model(device),
-                    "threads": torch.get_num_threads(), "torch": torch.__version__, "warmup": opts.warmup}
+                    "threads": torch.get_num_threads(), "torch": torch.__version__, "warmup": opts.warmup,
+                    "rounds": len(rounds)}
 
     # osslbench: the Trainer's own batches and step
     method = _build(protocol, method_name, data, opts.teacher, opts.seed)
@@ -210,54 +221,70 @@ def run_bench(protocol: Protocol, method_name: str, opts: BenchOptions) -> dict:
             if share is None:
                 share = mean_hit_rate(draws, lcache.views, prior_draws=opts.prior_runs * draws)
                 labelled["prior_runs"] = opts.prior_runs
-            ahead = islice(trainer.pipeline.batches(0, method), opts.warmup + opts.steps + 1)
+            ahead = islice(trainer.pipeline.batches(0, method), iters)
             gen = torch.Generator().manual_seed(opts.seed)
             labelled.update(run_draws_per_image=round(draws, 1), share_stored=round(share, 4),
                             views_stored=prefill(lcache, ahead, share, gen, trainer.autocast))
-        precision = trainer.precision
         method.train()
         clock = StepClock(method, device)
-        batches = trainer.batches(0)
-        clock.run(batches, trainer.step, opts.warmup, timed=False)
-        before = lcache.counts() if lcache is not None else {}
-        clock.run(batches, trainer.step, opts.steps, timed=True)
-        if lcache is not None:  # the share of the timed steps' labelled rows it served
-            after = lcache.counts()
-            labelled["hit_rate"] = round((after["hits"] - before["hits"]) / (after["lookups"] - before["lookups"]), 4)
-        clock.close()
-        flops = _flops(trainer.step, next(batches))
-    ours = clock.report(flops, precision)
+        pipes = [(clock, trainer.batches(0), trainer.step)]
+
+        # the reference: the authors' loop on the same models, losses and images
+        if opts.reference:
+            workers = opts.workers if opts.workers >= 0 else min(8, os.cpu_count() or 1)
+            ref_method = _build(protocol, method_name, data, opts.teacher, opts.seed).to(device)
+            if ref_method._teacher.module is not None:
+                ref_method.teacher.to(device)
+            ref_method.train()
+            params = [(n, p) for n, p in ref_method.named_parameters() if p.requires_grad]
+            optimizer = make_optimizer(params, optim)
+            decay = ref_method.cfg.ema_decay
+            ema = AveragedModel(ref_method, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True) if decay else None
+            rdata = reference_data(protocol, splits, opts.data_root, ref_method)
+            ref_batches = reference_batches(rdata, protocol.train.batch_size, trainer.pipeline.unlabelled, workers,
+                                            device, opts.seed)
+            step = lambda b: reference_step(ref_method, optimizer, b, ema)  # noqa: E731
+            pipes.append((StepClock(ref_method, device), ref_batches, step))
+
+        # warm-up, then the timed steps in rounds, the two pipelines taking turns: a change in the machine's load
+        # (a shared host) falls on both instead of on whichever ran during it
+        for c, batches, step in pipes:
+            c.run(batches, step, opts.warmup, timed=False)
+        hits = lookups = 0
+        round_ratios = []
+        for n in rounds:
+            speed = []
+            for c, batches, step in pipes:
+                if settle:  # the other pipeline's leftovers (its loader workers' prefetch) land on an untimed step
+                    c.run(batches, step, 1, timed=False)
+                images, seconds = c.images, c.totals["step"]
+                before = lcache.counts() if lcache is not None and c is clock else None
+                c.run(batches, step, n, timed=True)
+                if before is not None:  # the share of the timed labelled rows the labelled-view cache served
+                    after = lcache.counts()
+                    hits, lookups = hits + after["hits"] - before["hits"], lookups + after["lookups"] - before["lookups"]
+                speed.append((c.images - images) / (c.totals["step"] - seconds))
+            if len(speed) == 2:
+                round_ratios.append(round(speed[0] / speed[1], 3))
+        if lcache is not None:
+            labelled["hit_rate"] = round(hits / lookups, 4)
+        for c, _, _ in pipes:
+            c.close()
+        flops = [_flops(step, next(batches)) for _, batches, step in pipes]
+    ours = clock.report(flops[0], trainer.precision)
     ours["memory_format"] = "channels_last" if protocol.train.channels_last else "contiguous"
     ours["teacher_cache"] = cache
     ours["teacher_cache_labelled"] = labelled
     report["osslbench"] = ours
     report["epoch_iters"] = full_iters
     report["epoch_s"] = {"osslbench": round(full_iters * ours["step_s"], 1)}
-
     if opts.reference:
-        workers = opts.workers if opts.workers >= 0 else min(8, os.cpu_count() or 1)
-        ref_method = _build(protocol, method_name, data, opts.teacher, opts.seed).to(device)
-        if ref_method._teacher.module is not None:
-            ref_method.teacher.to(device)
-        ref_method.train()
-        params = [(n, p) for n, p in ref_method.named_parameters() if p.requires_grad]
-        optimizer = make_optimizer(params, optim)
-        decay = ref_method.cfg.ema_decay
-        ema = AveragedModel(ref_method, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True) if decay else None
-        rdata = reference_data(protocol, splits, opts.data_root, ref_method)
-        n_ulb = trainer.pipeline.unlabelled
-        ref_batches = reference_batches(rdata, protocol.train.batch_size, n_ulb, workers, device, opts.seed)
-        step = lambda b: reference_step(ref_method, optimizer, b, ema)  # noqa: E731
-        rclock = StepClock(ref_method, device)
-        rclock.run(ref_batches, step, opts.warmup, timed=False)
-        rclock.run(ref_batches, step, opts.steps, timed=True)
-        rclock.close()
-        rflops = _flops(step, next(ref_batches))
-        ref = rclock.report(rflops, "fp32")
+        ref = pipes[1][0].report(flops[1], "fp32")
         ref["memory_format"] = "contiguous"
         ref["workers"] = workers
         report["reference"] = ref
         report["ratio"] = round(ours["img_per_s"] / ref["img_per_s"], 3)
+        report["round_ratios"] = round_ratios
         report["epoch_s"]["reference"] = round(full_iters * ref["step_s"], 1)
     return report
 
@@ -280,7 +307,8 @@ def format_report(r: dict) -> str:
                      + (f", {p['workers']} workers" if "workers" in p else ""))
     if "ratio" in r:
         lines.append(f"ratio osslbench / reference: {r['ratio']:.2f}x "
-                     f"({r['osslbench']['images']} images each, {r['osslbench']['steps']} timed steps after {r['warmup']})")
+                     f"({r['osslbench']['images']} images each, {r['osslbench']['steps']} timed steps after {r['warmup']}, "
+                     f"in {r['rounds']} rounds taking turns: {', '.join(f'{x:.2f}x' for x in r['round_ratios'])})")
     c = r["osslbench"]["teacher_cache"]
     lines.append("teacher cache: " + (f"on ({', '.join(c['outputs'])}; {c['MiB']} MiB; built in {c['build_s']} s)"
                                       if c.get("used") else c.get("why", "off")))

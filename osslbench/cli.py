@@ -74,6 +74,8 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--prior-runs", type=int, default=0,
                        help="time the mean of a run that finds the labelled views of this many whole earlier runs "
                             "stored (a grid's later seeds or methods with the same teacher; default: 0)")
+    bench.add_argument("--rounds", type=int, default=4,
+                       help="split the timed steps into this many rounds, the two pipelines taking turns (default: 4)")
     bench.add_argument("--no-reference", action="store_true", help="time osslbench only")
     bench.add_argument("--json", action="store_true", help="print the report as JSON")
 
@@ -159,7 +161,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     get_method(args.method)  # an unknown name is one line naming it
     opts = BenchOptions(data_root=args.data_root, steps=args.steps, warmup=args.warmup, workers=args.workers,
                         device=args.device, threads=args.threads, teacher=args.teacher, reference=not args.no_reference,
-                        labelled_hit_rate=args.labelled_hit_rate, prior_runs=args.prior_runs)
+                        labelled_hit_rate=args.labelled_hit_rate, prior_runs=args.prior_runs,
+                        rounds=args.rounds)
     report = run_bench(protocol, args.method, opts)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
 

@@ -135,7 +135,7 @@ class LabelledViewCache:
                 fits = fits and (not len(rows) or 0 <= int(rows.min()) <= int(rows.max()) < len(self.filled))
                 fits = fits and all(self.store[k].shape[1:] == v.shape[1:] and self.store[k].dtype == v.dtype
                                     for k, v in out.items() if self.store)
-            except Exception:  # noqa: BLE001 - a damaged shard holds nothing that cannot be recomputed
+            except Exception:  # a damaged shard holds nothing that cannot be recomputed
                 continue
             if fits:
                 self.put(rows, out)

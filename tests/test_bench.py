@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from osslbench.bench import SHARES, BenchOptions, format_report, run_bench
+from osslbench.bench import SHARES, BenchOptions, _rounds, format_report, run_bench
 from osslbench.cli import main
 from osslbench.config import parse_overrides
 from osslbench.errors import OsslbenchError
@@ -26,6 +26,8 @@ def test_both_pipelines_run_the_same_images_and_report_every_field(tmp_path, met
     n_ulb = round(protocol.method.get(method, {}).get("mu", 1.0) * protocol.train.batch_size)
     assert ours["images"] == ref["images"] == 3 * (protocol.train.batch_size + n_ulb)
     assert ours["steps"] == ref["steps"] == 3
+    # 3 timed steps in 3 rounds (4 asked, no empty round), the two pipelines taking turns
+    assert r["rounds"] == 3 and len(r["round_ratios"]) == 3 and all(x > 0 for x in r["round_ratios"])
     for p in (ours, ref):
         assert set(p) >= PIPELINE_FIELDS and set(p["shares"]) == set(SHARES)
         assert sum(p["shares"].values()) == pytest.approx(1.0, abs=1e-3)
@@ -85,3 +87,8 @@ def test_cli_bench_unknown_method_is_one_line(tmp_path, capsys):
     assert main(["bench", "--method", "nope", "--data-root", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("osslbench: error:") and "nope" in err and len(err.strip().splitlines()) == 1
+
+
+def test_timed_steps_split_into_rounds():
+    assert _rounds(20, 4) == [5, 5, 5, 5] and _rounds(7, 3) == [3, 2, 2] and _rounds(2, 4) == [1, 1]
+    assert _rounds(5, 1) == [5]

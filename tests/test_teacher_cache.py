@@ -283,3 +283,20 @@ def test_runs_of_a_grid_share_the_labelled_views_and_stay_exact(tmp_path):
     assert dkd["hit_rate"] == 1.0 and dkd["views_saved"] == 0, dkd
     assert 0.3 < alone["hit_rate"] < 0.7 and alone["views_saved"] == kd["views_saved"], alone
     assert rows["grid", "dkd"] == rows["alone", "dkd"] and len(rows["alone", "dkd"]) == 2
+
+
+def test_a_resumed_run_gets_back_its_labelled_views(tmp_path):
+    """Stopped after epoch 1 of 2, then resumed: it loads the shard written at epoch 1 and ends with the
+    uninterrupted run's metrics."""
+    protocol = load_protocol("digits-openset", None, parse_overrides([*FLIP, "train.iters_per_epoch=17"]))
+    rows = {}
+    for out, stops in (("whole", [None]), ("resumed", [1, None])):
+        for stop in stops:
+            result = run_one(protocol, "srd", 0, RunOptions(data_root=tmp_path, out=tmp_path / out, progress=False,
+                                                              stop_after=stop))
+        folder = tmp_path / out / "digits-openset" / "full" / "srd" / "seed0"
+        rows[out] = [{k: v for k, v in json.loads(line).items() if not k.endswith("_s")}
+                     for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    labelled = result["kernels"]["teacher_cache_labelled"]
+    assert labelled["views_loaded"] > 0.3 * 1080 and labelled["hit_rate"] > 0.5, labelled
+    assert rows["resumed"] == rows["whole"] and len(rows["whole"]) == 2
