@@ -40,7 +40,7 @@ from .optim import Schedule, make_optimizer
 from .protocol import Protocol
 from .reference_pipeline import reference_batches, reference_data, reference_step
 from .registry import get_method, method_config
-from .teacher_view_cache import mean_hit_rate, prefill
+from .teacher_view_cache import MIN_BATCH, mean_hit_rate, prefill
 from .trainer import Trainer
 
 SHARES = ("data", "teacher", "student", "loss")
@@ -225,6 +225,12 @@ def run_bench(protocol: Protocol, method_name: str, opts: BenchOptions) -> dict:
             gen = torch.Generator().manual_seed(opts.seed)
             labelled.update(run_draws_per_image=round(draws, 1), share_stored=round(share, 4),
                             views_stored=prefill(lcache, ahead, share, gen, trainer.autocast))
+            # the unseen views of a step go through the teacher in a batch of any size from MIN_BATCH to the batch
+            # size; a run has the kernels of every size ready after its first steps (oneDNN builds them per shape)
+            x = trainer.prepare(data.labelled_x[: protocol.train.batch_size])
+            with torch.no_grad(), trainer.autocast():
+                for n in range(MIN_BATCH, len(x) + 1):
+                    lcache.compute(x[:n])
         method.train()
         clock = StepClock(method, device)
         pipes = [(clock, trainer.batches(0), trainer.step)]

@@ -73,6 +73,8 @@ def test_bench_times_a_later_run_of_a_grid(tmp_path):
     assert "whole run's mean after 1 earlier runs" in format_report(later)
     with pytest.raises(OsslbenchError, match="--prior-runs must be >= 0"):
         run_bench(protocol, "srd", replace(opts, prior_runs=-1))
+    with pytest.raises(OsslbenchError, match="--steps and --rounds must be >= 1"):
+        run_bench(protocol, "srd", replace(opts, rounds=0))
 
 
 def test_cli_bench_json(tmp_path, capsys):
