@@ -24,14 +24,14 @@ device's memory runs live and says so.
 Shared between runs through shards on disk (``<out>/<protocol>/<scale>/teacher-cache/labelled-<key>/*.pt``): the
 key holds everything the bits depend on (teacher weights, the labelled pixels, the outputs, the crop's padding,
 flip and fill mode, normalisation, precision, memory format, device, threads, torch), so the runs of a grid that
-share a teacher and an output set (every seed with the paper's one pretrained teacher; KD, DKD and DIST; SRD, CRD,
-PKT, RKD and CC) serve each other's views. A run writes the views it computed as a new shard (atomically, under a
-unique name, so concurrent runs never clash) whenever they reach :data:`SHARD_SHARE` of all views and when it ends,
-and reads every shard of its key when it starts: a resumed run gets back what it had computed, and the run after a
-whole run finds ``1 - exp(-D / V)`` = 77% of the views stored (88% of its draws served, 97% for the third run;
-:func:`mean_hit_rate`). Loaded rows are checked bitwise against a fresh teacher pass before use (all are dropped
-if any differs); a shard that cannot be read is skipped. Disk: up to the in-memory size per key (SRD full scale,
-fp32: 4.1 GB).
+share a teacher and an output set (every seed with the paper's one pretrained teacher; KD, DKD and DIST; CRD, PKT,
+RKD, CC and SRD with ``alpha > 0``) serve each other's views. A run writes the views it computed as a new shard
+(atomically, under a unique name, so concurrent runs never clash) whenever they reach :data:`SHARD_SHARE` of all
+views and when it ends, and reads every shard of its key when it starts: a resumed run gets back what it had
+computed, and the run after a whole run finds ``1 - exp(-D / V)`` = 77% of the views stored (88% of its draws
+served, 97% for the third run; :func:`mean_hit_rate`). Loaded rows are checked bitwise against a fresh teacher pass
+before use (all are dropped if any differs); a shard that cannot be read is skipped. Disk: up to the in-memory size
+per key (SRD full scale, fp32: 4.1 GB).
 """
 
 from __future__ import annotations
