@@ -145,6 +145,12 @@ def test_cache_is_built_only_where_it_pays_off(tmp_path):
     assert _trainer(tmp_path, "srd", ["train.iters_per_epoch=15"]).use_teacher_cache()["used"]  # 960: it pays
 
 
+def _metrics(folder: Path) -> list[dict]:
+    """A run's ``metrics.jsonl`` rows without their timings."""
+    return [{k: v for k, v in json.loads(line).items() if not k.endswith("_s")}
+            for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
 def test_smoke_run_metrics_equal_with_and_without_the_cache(tmp_path):
     """Two epochs of SRD and KD: every logged figure (losses, top-1, AUROC) is the same with the cache off."""
     for method in ("srd", "kd"):
@@ -160,8 +166,7 @@ def test_smoke_run_metrics_equal_with_and_without_the_cache(tmp_path):
             labelled = result["kernels"]["teacher_cache_labelled"]
             assert labelled["used"] is on and (not on or 0.3 < labelled["hit_rate"] < 0.7), labelled
             folder = out / "digits-openset" / "full" / method / "seed0"
-            rows[on] = [{k: v for k, v in json.loads(line).items() if not k.endswith("_s")}
-                        for line in (folder / "metrics.jsonl").read_text().splitlines()]
+            rows[on] = _metrics(folder)
         assert rows[True] == rows[False] and len(rows[True]) == 2
 
 
@@ -252,7 +257,7 @@ def test_labelled_views_are_shared_through_shards(tmp_path):
     assert torch.equal(second.labelled_cache.filled, first.labelled_cache.filled)
     looked_up = _serve_views(second, 3)  # the same draws: every row served from the shard, none computed
     assert second.labelled_cache.hits == looked_up and not second.labelled_cache.fresh.any()
-    # another output set, padding or precision is another key: nothing shared
+    # another output set or precision is another key: nothing shared
     assert _labelled(_trainer(tmp_path, "kd", [], cache_dir), force=True)["views_loaded"] == 0
     assert _labelled(_trainer(tmp_path, "srd", ["train.amp=true"], cache_dir), force=True)["views_loaded"] == 0
     # a damaged shard is skipped; a shard whose values differ from the teacher's drops every loaded view
@@ -276,8 +281,7 @@ def test_runs_of_a_grid_share_the_labelled_views_and_stay_exact(tmp_path):
         result = run_one(protocol, method, 0, RunOptions(data_root=tmp_path, out=tmp_path / out, progress=False))
         kernels[out, method] = result["kernels"]["teacher_cache_labelled"]
         folder = tmp_path / out / "digits-openset" / "full" / method / "seed0"
-        rows[out, method] = [{k: v for k, v in json.loads(line).items() if not k.endswith("_s")}
-                             for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        rows[out, method] = _metrics(folder)
     kd, dkd, alone = kernels["grid", "kd"], kernels["grid", "dkd"], kernels["alone", "dkd"]
     assert kd["views_loaded"] == 0 and kd["views_saved"] > 0 and dkd["views_loaded"] == kd["views_saved"]
     assert dkd["hit_rate"] == 1.0 and dkd["views_saved"] == 0, dkd
@@ -295,8 +299,7 @@ def test_a_resumed_run_gets_back_its_labelled_views(tmp_path):
             result = run_one(protocol, "srd", 0, RunOptions(data_root=tmp_path, out=tmp_path / out, progress=False,
                                                               stop_after=stop))
         folder = tmp_path / out / "digits-openset" / "full" / "srd" / "seed0"
-        rows[out] = [{k: v for k, v in json.loads(line).items() if not k.endswith("_s")}
-                     for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        rows[out] = _metrics(folder)
     labelled = result["kernels"]["teacher_cache_labelled"]
     assert labelled["views_loaded"] > 0.3 * 1080 and labelled["hit_rate"] > 0.5, labelled
     assert rows["resumed"] == rows["whole"] and len(rows["whole"]) == 2
