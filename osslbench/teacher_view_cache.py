@@ -235,8 +235,7 @@ def check_loaded(cache: LabelledViewCache, trainer: Trainer, n: int) -> float | 
                          padding_mode=trainer.method.padding_mode, draws=draws)
     with torch.no_grad(), trainer.autocast():
         fresh = cache.compute(trainer.prepare(x))
-    dev = next(iter(cache.store.values())).device
-    return bitwise_diff({k: v[rows.to(dev)] for k, v in cache.store.items()}, fresh)
+    return bitwise_diff({k: v[rows.to(v.device)] for k, v in cache.store.items()}, fresh)
 
 
 def prefill(cache: LabelledViewCache, batches: Iterable[Batch], share: float, gen: torch.Generator,
