@@ -14,24 +14,28 @@ mini scale (``D = 5``), where it stays off.
 It changes no number: the unseen views go through the teacher in a batch padded to at least ``MIN_BATCH`` rows,
 and before it is used, rows computed that way (for several numbers of unseen views) are compared bitwise with the
 rows of the live forward pass of the training shape; a device whose per-sample results depend on the batch runs
-live and says why (fp32 linear layers on a CPU differ below 8 rows: hence the padding).
+live and says why (fp32 linear layers on a CPU differ below 8 rows: hence the padding). Logits derived from stored
+pooled vectors over a labelled batch (below) are compared the same way.
 
-Stored: ``"logits"`` and ``"pooled"`` only (a method reading the final map runs live), in the dtype the forward
-pass produced, ``N x V`` entries in the run's device memory, untouched until first written. SRD at full scale:
-50,000 images x 162 views x 128 values x 2 bytes (bf16) = 2.1 GB. A run whose cache would exceed a quarter of the
-device's memory runs live and says so.
+Served: ``"logits"`` and ``"pooled"`` (a method reading the final map runs live). Stored: the pooled vector only,
+in the dtype the forward pass produced, ``N x V`` entries in the run's device memory, untouched until first written;
+logits are served as ``teacher.classifier(pooled)`` over the labelled batch, the very operation the forward pass
+ends with (``Net.head``), so methods reading logits (KD, DKD, DIST), the pooled vector (SRD) or both (CRD, PKT, RKD,
+CC) share one store. SRD or KD at full scale: 50,000 images x 162 views x 128 values x 2 bytes (bf16) = 2.1 GB. A
+run whose cache would exceed a quarter of the device's memory runs live and says so.
 
 Shared between runs through shards on disk (``<out>/<protocol>/<scale>/teacher-cache/labelled-<key>/*.pt``): the
-key holds everything the bits depend on (teacher weights, the labelled pixels, the outputs, the crop's padding,
-flip and fill mode, normalisation, precision, memory format, device, threads, torch), so the runs of a grid that
-share a teacher and an output set (every seed with the paper's one pretrained teacher; KD, DKD and DIST; CRD, PKT,
-RKD, CC and SRD with ``alpha > 0``) serve each other's views. A run writes the views it computed as a new shard
-(atomically, under a unique name, so concurrent runs never clash) whenever they reach :data:`SHARD_SHARE` of all
-views and when it ends, and reads every shard of its key when it starts: a resumed run gets back what it had
-computed, and the run after a whole run finds ``1 - exp(-D / V)`` = 77% of the views stored (88% of its draws
-served, 97% for the third run; :func:`mean_hit_rate`). Loaded rows are checked bitwise against a fresh teacher pass
-before use (all are dropped if any differs); a shard that cannot be read is skipped. Disk: up to the in-memory size
-per key (SRD full scale, fp32: 4.1 GB).
+key holds everything the bits depend on (teacher weights, the labelled pixels, the crop's padding, flip and fill
+mode, normalisation, precision, memory format, device, threads, torch), so the runs of a grid that share a teacher
+serve each other's views: every seed with the paper's one pretrained teacher, and every method of a seed that reads
+logits or the pooled vector (the protocol's default grid runs KD, then SRD, on the same draws). A run writes the
+views it computed as a new shard (atomically, under a unique name, so concurrent runs never clash) whenever they
+reach :data:`SHARD_SHARE` of all views and when it ends, and reads every shard of its key when it starts: a resumed
+run gets back what it had computed, the same seed's next method finds every view it draws, and the next seed finds
+``1 - exp(-D / V)`` = 77% of the views stored (88% of its draws served, 97% for the third run;
+:func:`mean_hit_rate`). Loaded rows are checked bitwise against a fresh teacher pass before use (all are dropped if
+any differs); a shard that cannot be read is skipped. Disk: up to the in-memory size per key (full scale, fp32:
+4.1 GB).
 """
 
 from __future__ import annotations
@@ -59,8 +63,10 @@ if TYPE_CHECKING:
 
 #: unseen views go through the teacher in batches of at least this many rows (see the module docstring)
 MIN_BATCH = 16
-#: the outputs this cache may hold (a vector per image)
+#: the outputs this cache may serve (a vector per image)
 STORABLE = ("logits", "pooled")
+#: what it stores: logits are ``teacher.classifier(pooled)``, computed as the forward pass does (``Net.head``)
+STORED = "pooled"
 #: a run writes a shard when the views it computed since the last one reach this share of all views (and at its end)
 SHARD_SHARE = 0.05
 
@@ -75,11 +81,14 @@ def mean_hit_rate(draws_per_image: float, views: int, prior_draws: float = 0.0) 
 
 
 class LabelledViewCache:
-    """The teacher's ``names`` outputs on view ``v`` of labelled image ``i`` at row ``i * views + v``, filled
-    as views are first drawn; counts what it served (``hits``) of what it was asked (``lookups``)."""
+    """The teacher's pooled vector on view ``v`` of labelled image ``i`` at row ``i * views + v``, filled as views
+    are first drawn, served as the ``names`` outputs; counts what it served (``hits``) of what it was asked
+    (``lookups``)."""
 
     def __init__(self, teacher: Net, names: tuple[str, ...], images: int, views: int,
                  memory_format: torch.memory_format = torch.contiguous_format, folder: Path | None = None) -> None:
+        if not set(names) <= set(STORABLE):
+            raise ValueError(f"the labelled-view cache serves {' and '.join(STORABLE)}, not {', '.join(names)}")
         self.teacher, self.names, self.images, self.views = teacher, names, images, views
         self.memory_format = memory_format  # the run's: a batch in another format may take other kernels
         self.folder = folder  # the shards of its key (None: this process only)
@@ -89,13 +98,20 @@ class LabelledViewCache:
         self.lookups = self.hits = 0
 
     def compute(self, x: Tensor) -> dict[str, Tensor]:
-        """The teacher's outputs on ``x``, passed in a batch padded to :data:`MIN_BATCH` rows (call under no_grad
-        and the run's precision)."""
+        """What it stores of the teacher's outputs on ``x`` (``{STORED: ...}``), passed in a batch padded to
+        :data:`MIN_BATCH` rows (call under no_grad and the run's precision)."""
         n = len(x)
         if n < MIN_BATCH:
             x = torch.cat([x, x[:1].expand(MIN_BATCH - n, *x.shape[1:])])
         x = x.contiguous(memory_format=self.memory_format)
-        return {k: v[:n] for k, v in teacher_outputs(self.teacher, x, self.names).items()}
+        return {STORED: teacher_outputs(self.teacher, x, (STORED,))[STORED][:n]}
+
+    def outputs(self, pooled: Tensor) -> dict[str, Tensor]:
+        """The ``names`` outputs of a batch from its pooled vectors (call under no_grad and the run's precision)."""
+        out = {STORED: pooled}
+        if "logits" in self.names:
+            out["logits"] = self.teacher.classifier(pooled)
+        return {k: out[k] for k in self.names}
 
     def serve(self, x: Tensor, idx: Tensor, views: Tensor) -> dict[str, Tensor]:
         """The outputs on labelled images ``idx`` seen as views ``views`` (the batch ``x``): stored rows where the
@@ -107,18 +123,16 @@ class LabelledViewCache:
         if len(unseen):
             self.put(rows[unseen], self.compute(x[unseen.to(x.device)]))
             self.fresh[rows[unseen]] = True
-        served = rows.to(x.device)
-        return {k: self.store[k][served] for k in self.names}
+        return self.outputs(self.store[STORED][rows.to(x.device)])
 
     def put(self, rows: Tensor, out: dict[str, Tensor]) -> None:
-        """Store ``out`` (each output's rows in the order of ``rows``) at ``rows``."""
+        """Store ``out[STORED]`` (its rows in the order of ``rows``) at ``rows``."""
         if not self.store:  # allocated at the first write, in the forward pass's dtype (pages untouched till then)
             device = next(self.teacher.parameters()).device
-            self.store = {k: torch.empty(self.images * self.views, *out[k].shape[1:], dtype=out[k].dtype,
-                                         device=device) for k in self.names}
-        for k in self.names:
-            store = self.store[k]
-            store[rows.to(store.device)] = out[k].to(store.device)
+            self.store = {STORED: torch.empty(self.images * self.views, *out[STORED].shape[1:],
+                                              dtype=out[STORED].dtype, device=device)}
+        store = self.store[STORED]
+        store[rows.to(store.device)] = out[STORED].to(store.device)
         self.filled[rows] = True
 
     def load(self) -> int:
@@ -130,7 +144,7 @@ class LabelledViewCache:
         for path in sorted(self.folder.glob("*.pt")):
             try:
                 shard = torch.load(path, mmap=True, weights_only=True)
-                rows, out = shard["rows"], {k: shard[k] for k in self.names}
+                rows, out = shard["rows"], {STORED: shard[STORED]}
                 fits = rows.dtype == torch.int64 and rows.dim() == 1 and all(len(v) == len(rows) for v in out.values())
                 fits = fits and (not len(rows) or 0 <= int(rows.min()) <= int(rows.max()) < len(self.filled))
                 fits = fits and all(self.store[k].shape[1:] == v.shape[1:] and self.store[k].dtype == v.dtype
@@ -197,22 +211,26 @@ def attach_labelled_cache(trainer: Trainer, force: bool = False) -> tuple[Labell
     t, d, tc = trainer, trainer.data, trainer.s.train
     names, views = tuple(t.method.teacher_outputs), crop_flip_views(d.crop_padding)
     view = {"padding": d.crop_padding, "flip": d.flip, "mode": t.method.padding_mode, "min_batch": MIN_BATCH}
-    key = cache_key(t.method.teacher, d.labelled_x, sorted(names), {**kernel_context(t), **view})
+    key = cache_key(t.method.teacher, d.labelled_x, [STORED], {**kernel_context(t), **view})
     folder = t.cache_dir / f"labelled-{key}" if t.cache_dir is not None else None
     cache = LabelledViewCache(t.method.teacher, names, len(d.labelled_x), views, t.memory_format, folder)
     # the live pass's shape (no cache at all): the labelled batch + the unlabelled batch
     n_lb, n_ulb = min(tc.batch_size, len(d.labelled_x)), min(t.pipeline.unlabelled, len(d.unlabelled_x))
     x = t.prepare(torch.cat([d.labelled_x[:n_lb], d.unlabelled_x[:n_ulb]]))
     with torch.no_grad(), t.autocast():
-        live = teacher_outputs(t.method.teacher, x, names)
+        live = teacher_outputs(t.method.teacher, x, tuple(dict.fromkeys((*names, STORED))))
         rows = {n: cache.compute(x[torch.arange(n, device=x.device)]) for n in sorted({1, n_lb // 2 + 1, n_lb})}
-    found = [bitwise_diff(out, {k: v[:n] for k, v in live.items()}) for n, out in rows.items()]
-    diffs = [x for x in found if x is not None]
-    entry = sum(v[0].numel() * v.element_size() for v in live.values())
-    need, budget = len(d.labelled_x) * views * entry, device_bytes(t.device) // 4
-    record = {"used": False, "outputs": list(names), "views": views, "MiB": round(need / 2**20, 1)}
-    if diffs:
-        return None, {**record, "why": f"off (rows of a smaller batch differ from the live pass by up to {max(diffs):.3g})"}
+        served = cache.outputs(rows[n_lb][STORED])  # a labelled batch as served (logits derived over the batch)
+    small = [x for x in (bitwise_diff(out, {STORED: live[STORED][:n]}) for n, out in rows.items()) if x is not None]
+    derived = bitwise_diff(served, {k: live[k][:n_lb] for k in names})
+    need = len(d.labelled_x) * views * live[STORED][0].numel() * live[STORED].element_size()
+    budget = device_bytes(t.device) // 4
+    record = {"used": False, "outputs": list(names), "stored": STORED, "views": views, "MiB": round(need / 2**20, 1)}
+    if small:
+        return None, {**record, "why": f"off (rows of a smaller batch differ from the live pass by up to {max(small):.3g})"}
+    if derived is not None:
+        return None, {**record, "why": f"off (outputs served from stored vectors differ from the live pass by up to "
+                                       f"{derived:.3g})"}
     if budget and need > budget:
         return None, {**record, "why": f"off ({need / 2**30:.1f} GiB would exceed a quarter of the device's memory)"}
     record.update(used=True, key=key, views_loaded=cache.load())

@@ -232,6 +232,15 @@ def test_labelled_cache_is_off_where_smaller_batches_change_the_bits(tmp_path, m
     assert not record["used"] and "rows of a smaller batch differ" in record["why"] and tr.labelled_cache is None
 
 
+def test_labelled_cache_is_off_where_logits_of_the_pooled_vector_differ(tmp_path, monkeypatch):
+    outputs = LabelledViewCache.outputs
+    monkeypatch.setattr(LabelledViewCache, "outputs", lambda self, pooled: {
+        k: v + (k == "logits") * 1e-6 for k, v in outputs(self, pooled).items()})
+    record = _labelled(_trainer(tmp_path, "kd", []), force=True)
+    assert not record["used"] and "outputs served from stored vectors differ" in record["why"], record
+    assert _labelled(_trainer(tmp_path, "srd", []), force=True)["used"]  # SRD reads no logits here (alpha = 0)
+
+
 def _serve_views(tr: Trainer, steps: int) -> int:
     """Serve the labelled rows of the first ``steps`` batches (filling the cache); the views looked up."""
     n = 0
@@ -257,8 +266,11 @@ def test_labelled_views_are_shared_through_shards(tmp_path):
     assert torch.equal(second.labelled_cache.filled, first.labelled_cache.filled)
     looked_up = _serve_views(second, 3)  # the same draws: every row served from the shard, none computed
     assert second.labelled_cache.hits == looked_up and not second.labelled_cache.fresh.any()
-    # another output set or precision is another key: nothing shared
-    assert _labelled(_trainer(tmp_path, "kd", [], cache_dir), force=True)["views_loaded"] == 0
+    # KD reads logits, SRD the pooled vector: one store (logits served as the classifier of the pooled vector)
+    kd = _trainer(tmp_path, "kd", [], cache_dir)
+    assert _labelled(kd, force=True)["views_loaded"] == stored
+    assert kd.labelled_cache.hits == 0 and _serve_views(kd, 3) == kd.labelled_cache.hits
+    # another precision is another key: nothing shared
     assert _labelled(_trainer(tmp_path, "srd", ["train.amp=true"], cache_dir), force=True)["views_loaded"] == 0
     # a damaged shard is skipped; a shard whose values differ from the teacher's drops every loaded view
     (shard.parent / "damaged.pt").write_bytes(b"not a shard")
@@ -273,20 +285,21 @@ def test_labelled_views_are_shared_through_shards(tmp_path):
 
 
 def test_runs_of_a_grid_share_the_labelled_views_and_stay_exact(tmp_path):
-    """KD then DKD (both read the teacher's logits) in one --out: with the same seed they draw the same views, so
-    DKD finds every one stored and runs no labelled teacher pass; its metrics equal DKD's alone."""
+    """KD (reads the teacher's logits) then SRD (its pooled vector) in one --out, as the protocol's default grid
+    runs them: with the same seed they draw the same views, so SRD finds every one stored and runs no labelled
+    teacher pass; its metrics equal SRD's alone."""
     protocol = load_protocol("digits-openset", None, parse_overrides([*FLIP, "train.iters_per_epoch=17"]))
     kernels, rows = {}, {}
-    for out, method in (("grid", "kd"), ("grid", "dkd"), ("alone", "dkd")):
+    for out, method in (("grid", "kd"), ("grid", "srd"), ("alone", "srd")):
         result = run_one(protocol, method, 0, RunOptions(data_root=tmp_path, out=tmp_path / out, progress=False))
         kernels[out, method] = result["kernels"]["teacher_cache_labelled"]
         folder = tmp_path / out / "digits-openset" / "full" / method / "seed0"
         rows[out, method] = _metrics(folder)
-    kd, dkd, alone = kernels["grid", "kd"], kernels["grid", "dkd"], kernels["alone", "dkd"]
-    assert kd["views_loaded"] == 0 and kd["views_saved"] > 0 and dkd["views_loaded"] == kd["views_saved"]
-    assert dkd["hit_rate"] == 1.0 and dkd["views_saved"] == 0, dkd
+    kd, srd, alone = kernels["grid", "kd"], kernels["grid", "srd"], kernels["alone", "srd"]
+    assert kd["views_loaded"] == 0 and kd["views_saved"] > 0 and srd["views_loaded"] == kd["views_saved"]
+    assert srd["hit_rate"] == 1.0 and srd["views_saved"] == 0, srd
     assert 0.3 < alone["hit_rate"] < 0.7 and alone["views_saved"] == kd["views_saved"], alone
-    assert rows["grid", "dkd"] == rows["alone", "dkd"] and len(rows["alone", "dkd"]) == 2
+    assert rows["grid", "srd"] == rows["alone", "srd"] and len(rows["alone", "srd"]) == 2
 
 
 def test_a_resumed_run_gets_back_its_labelled_views(tmp_path):
