@@ -22,7 +22,9 @@ in the dtype the forward pass produced, ``N x V`` entries in the run's device me
 logits are served as ``teacher.classifier(pooled)`` over the labelled batch, the very operation the forward pass
 ends with (``Net.head``), so methods reading logits (KD, DKD, DIST), the pooled vector (SRD) or both (CRD, PKT, RKD,
 CC) share one store. SRD or KD at full scale: 50,000 images x 162 views x 128 values x 2 bytes (bf16) = 2.1 GB. A
-run whose cache would exceed a quarter of the device's memory runs live and says so.
+run whose cache would exceed a quarter of the device's memory runs live and says so, except that a method reading
+logits only then stores its logits where they fit (a wide teacher in fp32: resnet32x4's 256-value vectors take
+8.3 GB, its logits 3.2 GB), in a store of its own.
 
 Shared between runs through shards on disk (``<out>/<protocol>/<scale>/teacher-cache/labelled-<key>/*.pt``): the
 key holds everything the bits depend on (teacher weights, the labelled pixels, the crop's padding, flip and fill
@@ -65,7 +67,8 @@ if TYPE_CHECKING:
 MIN_BATCH = 16
 #: the outputs this cache may serve (a vector per image)
 STORABLE = ("logits", "pooled")
-#: what it stores: logits are ``teacher.classifier(pooled)``, computed as the forward pass does (``Net.head``)
+#: what it stores: logits are ``teacher.classifier(pooled)``, computed as the forward pass does (``Net.head``); a
+#: method that reads logits only stores them instead where the pooled vectors would not fit (a wide teacher)
 STORED = "pooled"
 #: a run writes a shard when the views it computed since the last one reach this share of all views (and at its end)
 SHARD_SHARE = 0.05
@@ -86,10 +89,12 @@ class LabelledViewCache:
     (``lookups``)."""
 
     def __init__(self, teacher: Net, names: tuple[str, ...], images: int, views: int,
-                 memory_format: torch.memory_format = torch.contiguous_format, folder: Path | None = None) -> None:
-        if not set(names) <= set(STORABLE):
-            raise ValueError(f"the labelled-view cache serves {' and '.join(STORABLE)}, not {', '.join(names)}")
-        self.teacher, self.names, self.images, self.views = teacher, names, images, views
+                 memory_format: torch.memory_format = torch.contiguous_format, folder: Path | None = None,
+                 stored: str = STORED) -> None:
+        if not set(names) <= set(STORABLE) or stored not in (STORED, *names):
+            raise ValueError(f"the labelled-view cache serves {' and '.join(STORABLE)} from the pooled vector (or "
+                             f"logits from logits), not {', '.join(names)} from {stored}")
+        self.teacher, self.names, self.images, self.views, self.stored = teacher, names, images, views, stored
         self.memory_format = memory_format  # the run's: a batch in another format may take other kernels
         self.folder = folder  # the shards of its key (None: this process only)
         self.store: dict[str, Tensor] = {}
@@ -98,19 +103,19 @@ class LabelledViewCache:
         self.lookups = self.hits = 0
 
     def compute(self, x: Tensor) -> dict[str, Tensor]:
-        """What it stores of the teacher's outputs on ``x`` (``{STORED: ...}``), passed in a batch padded to
+        """What it stores of the teacher's outputs on ``x`` (``{self.stored: ...}``), passed in a batch padded to
         :data:`MIN_BATCH` rows (call under no_grad and the run's precision)."""
         n = len(x)
         if n < MIN_BATCH:
             x = torch.cat([x, x[:1].expand(MIN_BATCH - n, *x.shape[1:])])
         x = x.contiguous(memory_format=self.memory_format)
-        return {STORED: teacher_outputs(self.teacher, x, (STORED,))[STORED][:n]}
+        return {self.stored: teacher_outputs(self.teacher, x, (self.stored,))[self.stored][:n]}
 
-    def outputs(self, pooled: Tensor) -> dict[str, Tensor]:
-        """The ``names`` outputs of a batch from its pooled vectors (call under no_grad and the run's precision)."""
-        out = {STORED: pooled}
-        if "logits" in self.names:
-            out["logits"] = self.teacher.classifier(pooled)
+    def outputs(self, stored: Tensor) -> dict[str, Tensor]:
+        """The ``names`` outputs of a batch from its stored rows (call under no_grad and the run's precision)."""
+        out = {self.stored: stored}
+        if "logits" not in out and "logits" in self.names:
+            out["logits"] = self.teacher.classifier(stored)
         return {k: out[k] for k in self.names}
 
     def serve(self, x: Tensor, idx: Tensor, views: Tensor) -> dict[str, Tensor]:
@@ -123,16 +128,16 @@ class LabelledViewCache:
         if len(unseen):
             self.put(rows[unseen], self.compute(x[unseen.to(x.device)]))
             self.fresh[rows[unseen]] = True
-        return self.outputs(self.store[STORED][rows.to(x.device)])
+        return self.outputs(self.store[self.stored][rows.to(x.device)])
 
     def put(self, rows: Tensor, out: dict[str, Tensor]) -> None:
-        """Store ``out[STORED]`` (its rows in the order of ``rows``) at ``rows``."""
+        """Store ``out[self.stored]`` (its rows in the order of ``rows``) at ``rows``."""
+        k = self.stored
         if not self.store:  # allocated at the first write, in the forward pass's dtype (pages untouched till then)
             device = next(self.teacher.parameters()).device
-            self.store = {STORED: torch.empty(self.images * self.views, *out[STORED].shape[1:],
-                                              dtype=out[STORED].dtype, device=device)}
-        store = self.store[STORED]
-        store[rows.to(store.device)] = out[STORED].to(store.device)
+            self.store = {k: torch.empty(self.images * self.views, *out[k].shape[1:], dtype=out[k].dtype, device=device)}
+        store = self.store[k]
+        store[rows.to(store.device)] = out[k].to(store.device)
         self.filled[rows] = True
 
     def load(self) -> int:
@@ -144,7 +149,7 @@ class LabelledViewCache:
         for path in sorted(self.folder.glob("*.pt")):
             try:
                 shard = torch.load(path, mmap=True, weights_only=True)
-                rows, out = shard["rows"], {STORED: shard[STORED]}
+                rows, out = shard["rows"], {self.stored: shard[self.stored]}
                 fits = rows.dtype == torch.int64 and rows.dim() == 1 and all(len(v) == len(rows) for v in out.values())
                 fits = fits and (not len(rows) or 0 <= int(rows.min()) <= int(rows.max()) < len(self.filled))
                 fits = fits and all(self.store[k].shape[1:] == v.shape[1:] and self.store[k].dtype == v.dtype
@@ -211,28 +216,32 @@ def attach_labelled_cache(trainer: Trainer, force: bool = False) -> tuple[Labell
     t, d, tc = trainer, trainer.data, trainer.s.train
     names, views = tuple(t.method.teacher_outputs), crop_flip_views(d.crop_padding)
     view = {"padding": d.crop_padding, "flip": d.flip, "mode": t.method.padding_mode, "min_batch": MIN_BATCH}
-    key = cache_key(t.method.teacher, d.labelled_x, [STORED], {**kernel_context(t), **view})
-    folder = t.cache_dir / f"labelled-{key}" if t.cache_dir is not None else None
-    cache = LabelledViewCache(t.method.teacher, names, len(d.labelled_x), views, t.memory_format, folder)
     # the live pass's shape (no cache at all): the labelled batch + the unlabelled batch
     n_lb, n_ulb = min(tc.batch_size, len(d.labelled_x)), min(t.pipeline.unlabelled, len(d.unlabelled_x))
     x = t.prepare(torch.cat([d.labelled_x[:n_lb], d.unlabelled_x[:n_ulb]]))
     with torch.no_grad(), t.autocast():
         live = teacher_outputs(t.method.teacher, x, tuple(dict.fromkeys((*names, STORED))))
-        rows = {n: cache.compute(x[torch.arange(n, device=x.device)]) for n in sorted({1, n_lb // 2 + 1, n_lb})}
-        served = cache.outputs(rows[n_lb][STORED])  # a labelled batch as served (logits derived over the batch)
-    small = [x for x in (bitwise_diff(out, {STORED: live[STORED][:n]}) for n, out in rows.items()) if x is not None]
-    derived = bitwise_diff(served, {k: live[k][:n_lb] for k in names})
-    need = len(d.labelled_x) * views * live[STORED][0].numel() * live[STORED].element_size()
+    need = {k: len(d.labelled_x) * views * v[0].numel() * v.element_size() for k, v in live.items()}
     budget = device_bytes(t.device) // 4
-    record = {"used": False, "outputs": list(names), "stored": STORED, "views": views, "MiB": round(need / 2**20, 1)}
+    stored = "logits" if names == ("logits",) and budget and need[STORED] > budget >= need["logits"] else STORED
+    key = cache_key(t.method.teacher, d.labelled_x, [stored], {**kernel_context(t), **view})
+    folder = t.cache_dir / f"labelled-{key}" if t.cache_dir is not None else None
+    cache = LabelledViewCache(t.method.teacher, names, len(d.labelled_x), views, t.memory_format, folder, stored)
+    with torch.no_grad(), t.autocast():
+        rows = {n: cache.compute(x[torch.arange(n, device=x.device)]) for n in sorted({1, n_lb // 2 + 1, n_lb})}
+        served = cache.outputs(rows[n_lb][stored])  # a labelled batch as served (logits derived over the batch)
+    small = [x for x in (bitwise_diff(out, {stored: live[stored][:n]}) for n, out in rows.items()) if x is not None]
+    derived = bitwise_diff(served, {k: live[k][:n_lb] for k in names})
+    record = {"used": False, "outputs": list(names), "stored": stored, "views": views,
+              "MiB": round(need[stored] / 2**20, 1)}
     if small:
         return None, {**record, "why": f"off (rows of a smaller batch differ from the live pass by up to {max(small):.3g})"}
     if derived is not None:
         return None, {**record, "why": f"off (outputs served from stored vectors differ from the live pass by up to "
                                        f"{derived:.3g})"}
-    if budget and need > budget:
-        return None, {**record, "why": f"off ({need / 2**30:.1f} GiB would exceed a quarter of the device's memory)"}
+    if budget and need[stored] > budget:
+        return None, {**record, "why": f"off ({need[stored] / 2**30:.1f} GiB would exceed a quarter of the device's "
+                                       "memory)"}
     record.update(used=True, key=key, views_loaded=cache.load())
     if record["views_loaded"]:
         diff = check_loaded(cache, trainer, n_lb)

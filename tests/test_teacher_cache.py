@@ -241,6 +241,24 @@ def test_labelled_cache_is_off_where_logits_of_the_pooled_vector_differ(tmp_path
     assert _labelled(_trainer(tmp_path, "srd", []), force=True)["used"]  # SRD reads no logits here (alpha = 0)
 
 
+def test_a_logits_only_method_stores_logits_where_the_pooled_vectors_would_not_fit(tmp_path, monkeypatch):
+    pooled = _labelled(_trainer(tmp_path, "kd", []), force=True)
+    assert pooled["used"] and pooled["stored"] == "pooled"
+    quarter = int((pooled["MiB"] - 0.1) * 2**20)  # the pooled vectors no longer fit, the logits do
+    monkeypatch.setattr("osslbench.teacher_view_cache.device_bytes", lambda device: 4 * quarter)
+    tr = _trainer(tmp_path, "kd", [])
+    record = _labelled(tr, force=True)
+    assert record["used"] and record["stored"] == "logits" and record["MiB"] < pooled["MiB"] / 2, record
+    assert record["key"] != pooled["key"]  # not shared with the pooled store
+    for batch in list(tr.batches(0))[:2]:
+        state, gen = copy.deepcopy(tr.method.state_dict()), batch.gen.get_state()
+        served = [_losses(tr, batch, state, gen) for _ in range(2)]  # computed, then served from the store
+        live = _losses(tr, type(batch)(**{**batch.__dict__, "teacher_lb": None}), state, gen)
+        assert all(torch.equal(s[k], live[k]) for s in served for k in live)
+    assert tr.labelled_cache.hits >= len(batch.x_lb)
+    assert "a quarter of the device's memory" in _labelled(_trainer(tmp_path, "srd", []), force=True)["why"]
+
+
 def _serve_views(tr: Trainer, steps: int) -> int:
     """Serve the labelled rows of the first ``steps`` batches (filling the cache); the views looked up."""
     n = 0
