@@ -91,9 +91,9 @@ class LabelledViewCache:
     def __init__(self, teacher: Net, names: tuple[str, ...], images: int, views: int,
                  memory_format: torch.memory_format = torch.contiguous_format, folder: Path | None = None,
                  stored: str = STORED) -> None:
-        if not set(names) <= set(STORABLE) or stored not in (STORED, *names):
-            raise ValueError(f"the labelled-view cache serves {' and '.join(STORABLE)} from the pooled vector (or "
-                             f"logits from logits), not {', '.join(names)} from {stored}")
+        if not set(names) <= set(STORABLE) or not (stored == STORED or tuple(names) == (stored,)):
+            raise ValueError(f"the labelled-view cache serves logits and/or pooled from stored pooled vectors, or one "
+                             f"output from itself; not {', '.join(names)} from {stored}")
         self.teacher, self.names, self.images, self.views, self.stored = teacher, names, images, views, stored
         self.memory_format = memory_format  # the run's: a batch in another format may take other kernels
         self.folder = folder  # the shards of its key (None: this process only)

@@ -257,6 +257,8 @@ def test_a_logits_only_method_stores_logits_where_the_pooled_vectors_would_not_f
         assert all(torch.equal(s[k], live[k]) for s in served for k in live)
     assert tr.labelled_cache.hits >= len(batch.x_lb)
     assert "a quarter of the device's memory" in _labelled(_trainer(tmp_path, "srd", []), force=True)["why"]
+    with pytest.raises(ValueError, match="not logits, pooled from logits"):  # the pooled vector is not in the logits
+        LabelledViewCache(tr.method.teacher, ("logits", "pooled"), 4, 162, stored="logits")
 
 
 def _serve_views(tr: Trainer, steps: int) -> int:
