@@ -70,10 +70,11 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     bench.add_argument("--labelled-hit-rate", type=float, default=None,
                        help="share of labelled views served by the labelled-view cache while timed (default: the mean "
-                            "of a whole run at the protocol's scale; 0 = a run's first epoch)")
+                            "of a whole run at the protocol's scale; 0 = a run's first epoch; 1 = a run after another "
+                            "method of the same seed, e.g. SRD after KD)")
     bench.add_argument("--prior-runs", type=int, default=0,
                        help="time the mean of a run that finds the labelled views of this many whole earlier runs "
-                            "stored (a grid's later seeds or methods with the same teacher; default: 0)")
+                            "stored (a grid's later seeds with the same teacher; default: 0)")
     bench.add_argument("--rounds", type=int, default=4,
                        help="split the timed steps into this many rounds, the two pipelines taking turns (default: 4)")
     bench.add_argument("--no-reference", action="store_true", help="time osslbench only")
