@@ -66,8 +66,8 @@ class Batch:
     :param idx_sel: their positions in the pool.
     :param flips_ulb: for each view of ``x_ulb`` that is ``"flip"``, which images are mirrored (bool, CPU); None
         for the other views (the teacher-output cache serves the matching entry).
-    :param teacher_ulb: the frozen teacher's outputs on ``x_ulb[0]`` served by the teacher-output cache
-        (``Method.teacher_outputs``); None = computed live. Read through :meth:`Method.teacher_on`.
+    :param teacher_ulb: serves the frozen teacher's outputs on ``x_ulb[0]`` (``Method.teacher_outputs``) from the
+        teacher-output cache; None = computed live. Read through :meth:`Method.teacher_on`.
     :param x_lb_extra: further views of the same labelled images, in the order of ``Method.labelled_views[1:]``
         (OpenMatch's second labelled view); empty for most methods.
     :param gen: the CPU generator of this epoch's random draws, seeded from ``(seed, epoch)``. A method
@@ -98,7 +98,7 @@ class Batch:
     idx_lb: Tensor | None = None
     init_epochs: int = 0
     flips_ulb: list[Tensor | None] = field(default_factory=list)
-    teacher_ulb: dict[str, Tensor] | None = None
+    teacher_ulb: Callable[[], dict[str, Tensor]] | None = None
     views_lb: Tensor | None = None
     teacher_lb: Callable[[], dict[str, Tensor]] | None = None
 
@@ -281,7 +281,7 @@ class Method(nn.Module):
                 return teacher_outputs(self.teacher, torch.cat([batch.x_lb, *batch.x_ulb[:1]]), self.teacher_outputs)
             names = self.teacher_outputs
             lb = batch.teacher_lb() if batch.teacher_lb is not None else teacher_outputs(self.teacher, batch.x_lb, names)
-            ulb = batch.teacher_ulb
+            ulb = batch.teacher_ulb() if batch.teacher_ulb is not None else None
             if ulb is None:  # (the Trainer serves labelled rows alone only to runs without an unlabelled batch)
                 ulb = teacher_outputs(self.teacher, batch.x_ulb[0], names) if batch.x_ulb else {k: lb[k][:0] for k in names}
             return {k: torch.cat([lb[k], ulb[k]]) for k in names}

@@ -13,10 +13,13 @@ pixels, normalisation, precision, memory format, device, thread count, torch ver
 its rows are compared bitwise with the live forward pass on a batch of the training shape; a device whose
 kernels give per-sample results that depend on the batch (seen as a mismatch) runs live and says why.
 
-A method declares what it reads from the teacher (``Method.teacher_outputs``) so that only that is stored:
-``"logits"`` (K values per image), ``"pooled"`` (the globally pooled final feature map, C values) or
-``"final_map"`` (the whole C x h x w map: WRN-40-2 at 32 px is 32 KiB per image and flip, 6.1 GiB for the paper's
-100,000-image pool; pooled features + logits are 0.9 KiB, 174 MiB).
+A method declares what it reads from the teacher (``Method.teacher_outputs``): ``"logits"`` (K values per image),
+``"pooled"`` (the globally pooled final feature map, C values) or ``"final_map"`` (the whole C x h x w map). What
+is stored (:func:`stored_outputs`) is the pooled vector for a method reading logits and/or the pooled vector, its
+logits served as ``teacher.classifier(pooled)`` over the batch's rows (:func:`derive`), the operation the forward
+pass ends with (``Net.head``): so KD, DKD, DIST (logits), SRD (the pooled vector) and CRD, CC, RKD, PKT (both)
+share one file, which the first of them builds (WRN-40-2 on the paper's 100,000-image pool, fp32: 0.5 KiB per image
+and flip, 98 MiB); a method reading the final map stores it (32 KiB per image and flip, 6.1 GiB).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import hashlib
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,8 +40,10 @@ from .models.base import Net
 if TYPE_CHECKING:
     from .trainer import Trainer
 
-#: what a method may ask the teacher-output cache to store (see the module docstring)
+#: what a method may ask the teacher-output cache to serve (see the module docstring)
 OUTPUTS = ("logits", "pooled", "final_map")
+#: what both caches store for methods reading logits and/or the pooled vector: logits are derived (:func:`derive`)
+STORED = "pooled"
 
 
 def teacher_outputs(teacher: Net, x: Tensor, names: Sequence[str]) -> dict[str, Tensor]:
@@ -51,6 +56,21 @@ def teacher_outputs(teacher: Net, x: Tensor, names: Sequence[str]) -> dict[str, 
     logits, feats = teacher(x, features=True)
     out = {"logits": logits, "pooled": teacher.pool(feats[-1]), "final_map": feats[-1]}
     return {n: out[n] for n in names}
+
+
+def stored_outputs(names: Sequence[str]) -> tuple[str, ...]:
+    """What a cache stores to serve ``names``: the pooled vector where they are logits and/or the pooled vector
+    (logits derived by :func:`derive`), else ``names`` themselves."""
+    return (STORED,) if set(names) <= {"logits", STORED} else tuple(names)
+
+
+def derive(teacher: Net, stored: dict[str, Tensor], names: Sequence[str]) -> dict[str, Tensor]:
+    """The ``names`` outputs of a batch from its stored rows: logits not stored are ``teacher.classifier`` of the
+    pooled vectors, over these rows as the forward pass does (call under no_grad and the run's precision)."""
+    out = dict(stored)
+    if "logits" in names and "logits" not in out:
+        out["logits"] = teacher.classifier(out[STORED])
+    return {k: out[k] for k in names}
 
 
 def flip_mask(view: Tensor, raw: Tensor) -> Tensor:
@@ -90,37 +110,36 @@ def kernel_context(trainer: Trainer) -> dict[str, object]:
             "memory_format": str(t.memory_format), "threads": torch.get_num_threads()}
 
 
-def cache_bytes(shapes: dict[str, tuple[int, ...]], pool_size: int, itemsize: int = 4) -> int:
-    """Bytes of a cache of ``pool_size`` images x 2 flips for outputs of per-image ``shapes``."""
-    per_image = sum(int(torch.Size(s).numel()) for s in shapes.values())
-    return 2 * pool_size * per_image * itemsize
-
-
 @dataclass
 class TeacherCache:
-    """The teacher's outputs on both flips of every pool image: ``outputs[name][f, i]`` is image ``i``
-    mirrored (``f = 1``) or not (``f = 0``), in the dtype the forward pass produced."""
+    """The teacher's stored outputs (:func:`stored_outputs` of ``names``) on both flips of every pool image:
+    ``outputs[name][f, i]`` is image ``i`` mirrored (``f = 1``) or not (``f = 0``), in the dtype the forward pass
+    produced; served as ``names``."""
 
     outputs: dict[str, Tensor]
     key: str
+    teacher: Net
+    names: tuple[str, ...]
     build_s: float = 0.0
     loaded: bool = False
-    record: dict[str, object] = field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.outputs.values())
 
-    def lookup(self, idx: Tensor, flipped: Tensor, device: torch.device) -> dict[str, Tensor]:
-        """The stored outputs of pool images ``idx`` with flips ``flipped`` (bool), on ``device``."""
+    def serve(self, idx: Tensor, flipped: Tensor, device: torch.device) -> dict[str, Tensor]:
+        """The ``names`` outputs on pool images ``idx`` with flips ``flipped`` (bool), on ``device`` (call under
+        no_grad and the run's precision: logits are derived from the stored rows)."""
         f, i = flipped.long().cpu(), idx.long().cpu()
-        return {k: v[f, i].to(device, non_blocking=True) for k, v in self.outputs.items()}
+        return derive(self.teacher, {k: v[f, i].to(device, non_blocking=True) for k, v in self.outputs.items()},
+                      self.names)
 
 
 def build_teacher_cache(teacher: Net, pool: Tensor, names: Sequence[str], prepare: Callable[[Tensor], Tensor],
                         autocast: Callable[[], object], chunk: int, key: str,
                         folder: Path | None = None) -> TeacherCache:
-    """Compute (or memory-map from ``folder/<key>.pt``) the teacher's ``names`` outputs on both flips of ``pool``.
+    """Compute (or memory-map from ``folder/<key>.pt``) what serves the teacher's ``names`` outputs
+    (:func:`stored_outputs`) on both flips of ``pool``.
 
     :param pool: uint8 ``N x C x H x W`` unlabelled images as stored (the ``"flip"`` view mirrors them).
     :param prepare: uint8 batch -> normalised float on the device (the Trainer's, so the bits are the live ones).
@@ -128,17 +147,18 @@ def build_teacher_cache(teacher: Net, pool: Tensor, names: Sequence[str], prepar
     :param chunk: images per forward pass; the last chunk is padded to this size (per-sample results may differ
         at batch size 1, never seen to differ between larger batches).
     """
+    names, stored = tuple(names), stored_outputs(names)
     path = folder / f"{key}.pt" if folder is not None else None
     if path is not None and path.exists():
         try:
             outputs = torch.load(path, mmap=True, weights_only=True)
-            if set(outputs) == set(names):
-                return TeacherCache(outputs, key, loaded=True)
+            if set(outputs) == set(stored):
+                return TeacherCache(outputs, key, teacher, names, loaded=True)
         except Exception:  # a damaged cache file is rebuilt (it holds nothing that cannot be recomputed)
             pass
     t0 = time.perf_counter()
     n = len(pool)
-    parts: dict[str, list[Tensor]] = {k: [] for k in names}
+    parts: dict[str, list[Tensor]] = {k: [] for k in stored}
     was = teacher.training
     teacher.eval()
     with torch.no_grad():
@@ -151,8 +171,8 @@ def build_teacher_cache(teacher: Net, pool: Tensor, names: Sequence[str], prepar
                 if flip:
                     x = x.flip(-1)
                 with autocast():
-                    out = teacher_outputs(teacher, prepare(x), names)
-                for k in names:
+                    out = teacher_outputs(teacher, prepare(x), stored)
+                for k in stored:
                     parts[k].append(out[k][:real].cpu().contiguous())
     teacher.train(was)
     outputs = {k: torch.cat(v).view(2, n, *v[0].shape[1:]) for k, v in parts.items()}
@@ -162,15 +182,7 @@ def build_teacher_cache(teacher: Net, pool: Tensor, names: Sequence[str], prepar
         torch.save(outputs, tmp)
         os.replace(tmp, path)
         outputs = torch.load(path, mmap=True, weights_only=True)
-    return TeacherCache(outputs, key, build_s=time.perf_counter() - t0)
-
-
-def verify(cache: TeacherCache, live: Callable[[Tensor, Tensor], dict[str, Tensor]], idx: Tensor,
-           flipped: Tensor, device: torch.device) -> float | None:
-    """Compare the cached rows of pool images ``idx`` (flips ``flipped``) with ``live(idx, flipped)``, the live
-    forward pass's rows for them in a batch of the training shape; None when bitwise equal, else the largest
-    absolute difference."""
-    return bitwise_diff(cache.lookup(idx, flipped, device), live(idx, flipped))
+    return TeacherCache(outputs, key, teacher, names, build_s=time.perf_counter() - t0)
 
 
 def bitwise_diff(served: dict[str, Tensor], fresh: dict[str, Tensor]) -> float | None:
@@ -211,24 +223,20 @@ def attach_teacher_cache(trainer: Trainer, force: bool = False) -> tuple[Teacher
     t, m, d, tc = trainer, trainer.method, trainer.data, trainer.s.train
     names = tuple(m.teacher_outputs)
     chunk = max(2, min(tc.eval_batch_size, len(d.unlabelled_x)))
-    key = cache_key(m.teacher, d.unlabelled_x, names, {**kernel_context(t), "chunk": chunk})
+    key = cache_key(m.teacher, d.unlabelled_x, stored_outputs(names), {**kernel_context(t), "chunk": chunk})
     cache = build_teacher_cache(m.teacher, d.unlabelled_x, names, t.prepare, t.autocast, chunk, key, t.cache_dir)
-    # the live path's shape: labelled + unlabelled images through the teacher in one pass
+    # the live path's shape: labelled + unlabelled images through the teacher in one pass; served: a batch's
+    # unlabelled rows (logits derived over them, as a step does)
     n = min(t.pipeline.unlabelled, len(d.unlabelled_x))
-    idx = torch.arange(n)
-    flips = torch.arange(n) % 2 == 1
-    x_lb = t.prepare(d.labelled_x[: tc.batch_size])
-
-    def live(i: Tensor, f: Tensor) -> dict[str, Tensor]:
-        raw = d.unlabelled_x[i]
-        x_u = t.prepare(torch.where(f[:, None, None, None], raw.flip(-1), raw))
-        with torch.no_grad(), t.autocast():
-            out = teacher_outputs(m.teacher, torch.cat([x_lb, x_u]), names)
-        return {k: v[len(x_lb):] for k, v in out.items()}
-
-    diff = verify(cache, live, idx, flips, t.device)
-    record = {"used": diff is None, "outputs": list(names), "MiB": round(cache.nbytes / 2**20, 2),
-              "build_s": round(cache.build_s, 2), "loaded": cache.loaded, "key": key}
+    idx, flips = torch.arange(n), torch.arange(n) % 2 == 1
+    x_lb, raw = t.prepare(d.labelled_x[: tc.batch_size]), d.unlabelled_x[idx]
+    x_u = t.prepare(torch.where(flips[:, None, None, None], raw.flip(-1), raw))
+    with torch.no_grad(), t.autocast():
+        live = teacher_outputs(m.teacher, torch.cat([x_lb, x_u]), names)
+        diff = bitwise_diff(cache.serve(idx, flips, t.device), {k: v[len(x_lb):] for k, v in live.items()})
+    record = {"used": diff is None, "outputs": list(names), "stored": ", ".join(cache.outputs),
+              "MiB": round(cache.nbytes / 2**20, 2), "build_s": round(cache.build_s, 2), "loaded": cache.loaded,
+              "key": key}
     if diff is not None:
         record["why"] = f"off (cached rows differ from the live forward pass by up to {diff:.3g} on this device)"
     return (cache if diff is None else None), record

@@ -57,7 +57,7 @@ from .errors import HostError
 from .fsio import atomic_write
 from .memory import device_bytes
 from .models.base import Net
-from .teacher_cache import bitwise_diff, cache_key, kernel_context, teacher_outputs
+from .teacher_cache import STORED, bitwise_diff, cache_key, derive, kernel_context, teacher_outputs
 
 if TYPE_CHECKING:
     from .method import Batch
@@ -67,9 +67,6 @@ if TYPE_CHECKING:
 MIN_BATCH = 16
 #: the outputs this cache may serve (a vector per image)
 STORABLE = ("logits", "pooled")
-#: what it stores: logits are ``teacher.classifier(pooled)``, computed as the forward pass does (``Net.head``); a
-#: method that reads logits only stores them instead where the pooled vectors would not fit (a wide teacher)
-STORED = "pooled"
 #: a run writes a shard when the views it computed since the last one reach this share of all views (and at its end)
 SHARD_SHARE = 0.05
 
@@ -113,10 +110,7 @@ class LabelledViewCache:
 
     def outputs(self, stored: Tensor) -> dict[str, Tensor]:
         """The ``names`` outputs of a batch from its stored rows (call under no_grad and the run's precision)."""
-        out = {self.stored: stored}
-        if "logits" not in out and "logits" in self.names:
-            out["logits"] = self.teacher.classifier(stored)
-        return {k: out[k] for k in self.names}
+        return derive(self.teacher, {self.stored: stored}, self.names)
 
     def serve(self, x: Tensor, idx: Tensor, views: Tensor) -> dict[str, Tensor]:
         """The outputs on labelled images ``idx`` seen as views ``views`` (the batch ``x``): stored rows where the

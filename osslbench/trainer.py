@@ -87,7 +87,7 @@ class Trainer:
         """The pipeline's batches of ``epoch``, with the teacher-output caches' rows attached where they serve."""
         for batch in self.pipeline.batches(epoch, self.method):
             if self.teacher_cache is not None:
-                batch.teacher_ulb = self.teacher_cache.lookup(batch.idx_ulb, batch.flips_ulb[0], self.device)
+                batch.teacher_ulb = partial(self.teacher_cache.serve, batch.idx_ulb, batch.flips_ulb[0], self.device)
             if self.labelled_cache is not None and batch.views_lb is not None:
                 batch.teacher_lb = partial(self.labelled_cache.serve, batch.x_lb, batch.idx_lb, batch.views_lb)
             yield batch

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from osslbench import teacher_cache
 from osslbench.config import parse_overrides
 from osslbench.data.dataset import load_run_data, make_splits
 from osslbench.data.pipeline import view as pipeline_view
@@ -18,7 +19,7 @@ from osslbench.models import build_model
 from osslbench.protocol_loader import load_protocol
 from osslbench.registry import get_method, method_config, methods
 from osslbench.runner import RunOptions, run_one
-from osslbench.teacher_cache import cache_bytes, flip_mask
+from osslbench.teacher_cache import flip_mask
 from osslbench.teacher_view_cache import LabelledViewCache, mean_hit_rate
 from osslbench.trainer import Schedule, Trainer
 
@@ -123,8 +124,25 @@ def test_cache_is_memory_mapped_and_keyed(tmp_path):
     assert second["loaded"] and second["key"] == first["key"]
     channels = again.method.teacher.feature_channels[-1]
     assert again.teacher_cache.outputs["pooled"].shape == (2, len(again.data.unlabelled_x), channels)
-    other = _trainer(tmp_path, "srd", ["method.srd.alpha=0.5"], cache_dir).use_teacher_cache(force=True)
-    assert other["key"] != first["key"]  # other outputs stored: another file
+    assert first["MiB"] == round(2 * len(again.data.unlabelled_x) * channels * 4 / 2**20, 2)  # 2 flips, fp32
+    assert first["stored"] == "pooled"
+    # KD (logits) and SRD with its KD term (logits + pooled) are served from the same pooled vectors: one file
+    for method, overrides in (("kd", []), ("srd", ["method.srd.alpha=0.5"])):
+        shared = _trainer(tmp_path, method, overrides, cache_dir).use_teacher_cache(force=True)
+        assert shared["used"] and shared["loaded"] and shared["key"] == first["key"], shared
+    other = _trainer(tmp_path, "srd", ["train.amp=true"], cache_dir).use_teacher_cache(force=True)
+    assert not other["loaded"] and other["key"] != first["key"]  # another precision: another file
+
+
+def test_cache_is_off_where_logits_of_the_pooled_vector_differ(tmp_path, monkeypatch):
+    derive = teacher_cache.derive
+    monkeypatch.setattr(teacher_cache, "derive", lambda teacher, stored, names: {
+        k: v + (k == "logits") * 1e-6 for k, v in derive(teacher, stored, names).items()})
+    tr = _trainer(tmp_path, "kd", [])
+    record = tr.use_teacher_cache(force=True)
+    assert not record["used"] and "cached rows differ from the live forward pass" in record["why"], record
+    assert tr.teacher_cache is None
+    assert _trainer(tmp_path, "srd", []).use_teacher_cache(force=True)["used"]  # SRD reads no logits (alpha = 0)
 
 
 def test_cache_does_not_apply_or_is_switched_off(tmp_path):
@@ -168,14 +186,6 @@ def test_smoke_run_metrics_equal_with_and_without_the_cache(tmp_path):
             folder = out / "digits-openset" / "full" / method / "seed0"
             rows[on] = _metrics(folder)
         assert rows[True] == rows[False] and len(rows[True]) == 2
-
-
-def test_sizes_of_the_paper_pool():
-    """WRN-40-2 on the paper's 100,000-image pool, 2 flips, fp32: pooled + logits vs the whole final map."""
-    small = cache_bytes({"pooled": (128,), "logits": (100,)}, 100_000)
-    full = cache_bytes({"final_map": (128, 8, 8)}, 100_000)
-    assert small == 2 * 100_000 * 228 * 4 and round(small / 2**20) == 174
-    assert full == 2 * 100_000 * 8192 * 4 and round(full / 2**30, 1) == 6.1
 
 
 # --------------------------------------------------------------------------------------------- labelled-view cache
@@ -306,19 +316,20 @@ def test_labelled_views_are_shared_through_shards(tmp_path):
 
 def test_runs_of_a_grid_share_the_labelled_views_and_stay_exact(tmp_path):
     """KD (reads the teacher's logits) then SRD (its pooled vector) in one --out, as the protocol's default grid
-    runs them: with the same seed they draw the same views, so SRD finds every one stored and runs no labelled
-    teacher pass; its metrics equal SRD's alone."""
+    runs them: SRD loads the pool cache KD built, and with the same seed they draw the same labelled views, so SRD
+    finds every one stored and runs no teacher pass at all; its metrics equal SRD's alone."""
     protocol = load_protocol("digits-openset", None, parse_overrides([*FLIP, "train.iters_per_epoch=17"]))
-    kernels, rows = {}, {}
+    kernels, pool, rows = {}, {}, {}
     for out, method in (("grid", "kd"), ("grid", "srd"), ("alone", "srd")):
         result = run_one(protocol, method, 0, RunOptions(data_root=tmp_path, out=tmp_path / out, progress=False))
-        kernels[out, method] = result["kernels"]["teacher_cache_labelled"]
+        kernels[out, method], pool[out, method] = result["kernels"]["teacher_cache_labelled"], result["kernels"]["teacher_cache"]
         folder = tmp_path / out / "digits-openset" / "full" / method / "seed0"
         rows[out, method] = _metrics(folder)
     kd, srd, alone = kernels["grid", "kd"], kernels["grid", "srd"], kernels["alone", "srd"]
     assert kd["views_loaded"] == 0 and kd["views_saved"] > 0 and srd["views_loaded"] == kd["views_saved"]
     assert srd["hit_rate"] == 1.0 and srd["views_saved"] == 0, srd
     assert 0.3 < alone["hit_rate"] < 0.7 and alone["views_saved"] == kd["views_saved"], alone
+    assert not pool["grid", "kd"]["loaded"] and pool["grid", "srd"]["loaded"] and not pool["alone", "srd"]["loaded"]
     assert rows["grid", "srd"] == rows["alone", "srd"] and len(rows["alone", "srd"]) == 2
 
 
