@@ -316,7 +316,8 @@ def format_report(r: dict) -> str:
                      f"({r['osslbench']['images']} images each, {r['osslbench']['steps']} timed steps after {r['warmup']}, "
                      f"in {r['rounds']} rounds taking turns: {', '.join(f'{x:.2f}x' for x in r['round_ratios'])})")
     c = r["osslbench"]["teacher_cache"]
-    lines.append("teacher cache: " + (f"on ({', '.join(c['outputs'])}; {c['MiB']} MiB; built in {c['build_s']} s)"
+    lines.append("teacher cache: " + (f"on ({', '.join(c['outputs'])}, stored as {c['stored']}; {c['MiB']} MiB; "
+                                      f"built in {c['build_s']} s)"
                                       if c.get("used") else c.get("why", "off")))
     lc = r["osslbench"]["teacher_cache_labelled"]
     prior = lc.get("prior_runs")
