@@ -281,8 +281,9 @@ class Method(nn.Module):
                 return teacher_outputs(self.teacher, torch.cat([batch.x_lb, *batch.x_ulb[:1]]), self.teacher_outputs)
             names = self.teacher_outputs
             lb = batch.teacher_lb() if batch.teacher_lb is not None else teacher_outputs(self.teacher, batch.x_lb, names)
-            ulb = batch.teacher_ulb() if batch.teacher_ulb is not None else None
-            if ulb is None:  # (the Trainer serves labelled rows alone only to runs without an unlabelled batch)
+            if batch.teacher_ulb is not None:
+                ulb = batch.teacher_ulb()
+            else:  # (the Trainer serves labelled rows alone only to runs without an unlabelled batch)
                 ulb = teacher_outputs(self.teacher, batch.x_ulb[0], names) if batch.x_ulb else {k: lb[k][:0] for k in names}
             return {k: torch.cat([lb[k], ulb[k]]) for k in names}
 
