@@ -22,7 +22,7 @@ from .fsio import RunLock, check_out_folder, clear_folder
 from .memory import peak, reset_peak
 from .method import Method, MethodConfig
 from .models import build_model
-from .models.checkpoint import load_state
+from .models.checkpoint import load_state, weights_sha256
 from .protocol import Protocol
 from .registry import get_method, method_config, student_rules_of
 from .results import RESULT, read_result, run_dir, summarize, versions, write_result
@@ -89,11 +89,15 @@ def _run_owned(protocol: Protocol, method: str, seed: int, opts: RunOptions, fol
     tree = run_config(protocol, method, seed, opts.teacher)
     h = config_hash(tree)
     done = read_result(folder / RESULT)
-    if done is not None and done["config_hash"] == h:
+    same = done is not None and done["config_hash"] == h
+    other_teacher = _other_teacher(done, opts) if same else ""
+    if same and not other_teacher:
         (folder / CHECKPOINT).unlink(missing_ok=True)  # left by a crash between the result and its clean-up
         return done
     if (done is not None or (folder / CHECKPOINT).exists()) and opts.overwrite:
         clear_folder(folder)
+    elif other_teacher:
+        raise CheckpointError(f"{folder} holds a result trained against {other_teacher}; use another --out or --overwrite")
     elif done is not None:
         raise CheckpointError(f"{folder} holds a result of another config (hash {done['config_hash']} != {h}); "
                               "use another --out or --overwrite")
@@ -114,7 +118,8 @@ def _run_owned(protocol: Protocol, method: str, seed: int, opts: RunOptions, fol
                     labelled_size=len(data.labelled_x), image_size=protocol.data.image_size)
         schedule = Schedule(epochs=protocol.train.epochs, train=protocol.train, optim=optim, seed=seed)
         trainer = Trainer(m, data, schedule, folder, h, device, desc=f"{method} s{seed}", progress=opts.progress,
-                          cache_dir=protocol.folder(opts.out) / "teacher-cache")
+                          cache_dir=protocol.folder(opts.out) / "teacher-cache",
+                          teacher_sha256=teacher_record.get("sha256"))
         history = trainer.fit(stop_after=opts.stop_after)
     except BaseException:
         if not resuming and not (folder / CHECKPOINT).exists():  # nothing to resume from: leave nothing behind
@@ -134,6 +139,18 @@ def _run_owned(protocol: Protocol, method: str, seed: int, opts: RunOptions, fol
     write_result(folder / RESULT, result)
     (folder / CHECKPOINT).unlink(missing_ok=True)  # the result is final; the checkpoint was for resume
     return result
+
+
+def _other_teacher(done: dict, opts: RunOptions) -> str:
+    """Which other weights a finished run was trained against, when the ``--teacher`` file it names (its config
+    holds the path) now holds other weights than its ``result.json`` records; '' when the same (or unrecorded)."""
+    recorded = (done.get("teacher") or {}).get("sha256")
+    if not (opts.teacher and recorded):
+        return ""
+    now = weights_sha256(opts.teacher)
+    if now == recorded:
+        return ""
+    return f"other teacher weights than {opts.teacher} holds now (sha256 {recorded[:12]} != {now[:12]})"
 
 
 def _teacher_job(protocol: Protocol, seed: int, opts: RunOptions) -> None:

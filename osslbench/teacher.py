@@ -25,7 +25,7 @@ from .fsio import RunLock, atomic_write, clear_folder
 from .hardware import forward_mflop
 from .models import build_model
 from .models.base import Net
-from .models.checkpoint import load_state
+from .models.checkpoint import load_state, weights_sha256
 from .protocol import Protocol
 from .registry import get_method
 from .results import RESULT, read_result, summarize, versions, write_result
@@ -62,12 +62,14 @@ def load_teacher_file(path: Path, protocol: Protocol, data: RunData, device: tor
     prepare = lambda x: normalize(x.to(device), data.mean, data.std)  # noqa: E731
     m = evaluate(method, data.test_x, data.test_y, data.outlier_x, prepare, protocol.train.eval_batch_size,
                  autocast_context(device, protocol.train.amp, forward_mflop([model], tuple(data.test_x.shape[1:]))))
-    return model.cpu(), {"source": "file", "path": str(path), "arch": protocol.models.teacher, **m}
+    return model.cpu(), {"source": "file", "path": str(path), "sha256": weights_sha256(path),
+                         "arch": protocol.models.teacher, **m}
 
 
 def get_teacher(protocol: Protocol, seed: int, data: RunData, out: Path, device: torch.device,
                 teacher_path: str | None = None, progress: bool = True, overwrite: bool = False) -> tuple[Net, dict]:
-    """The seed's teacher (frozen use is up to the method) and its record for ``result.json``."""
+    """The seed's teacher (frozen use is up to the method) and its record for ``result.json``, which names its
+    weights by :func:`~osslbench.models.checkpoint.weights_sha256` (``sha256``)."""
     if teacher_path:
         return load_teacher_file(Path(teacher_path), protocol, data, device)
     folder = teacher_dir(out, protocol, seed)
@@ -82,8 +84,8 @@ def _cached_or_trained(protocol: Protocol, seed: int, data: RunData, folder: Pat
     done = read_result(folder / RESULT)
     model = _build(protocol, data, seed)
     if done is not None and done["config_hash"] == h and (folder / WEIGHTS).exists():
-        load_state(model, folder / WEIGHTS)
-        return model, done["teacher"]
+        load_state(model, folder / WEIGHTS)  # (teachers recorded before digests were: add it)
+        return model, {**done["teacher"], "sha256": weights_sha256(folder / WEIGHTS)}
     if done is not None and done["config_hash"] != h and overwrite:
         clear_folder(folder)
     elif done is not None and done["config_hash"] != h:
@@ -103,6 +105,7 @@ def _cached_or_trained(protocol: Protocol, seed: int, data: RunData, folder: Pat
               "epochs": protocol.train.teacher_epochs, "precision": trainer.precision, "dir": str(folder)}
     model = model.cpu().to(memory_format=torch.contiguous_format)
     atomic_write(folder / WEIGHTS, lambda p: torch.save({"model": model.state_dict(), "arch": model.arch}, p))
+    record["sha256"] = weights_sha256(folder / WEIGHTS)
     write_result(folder / RESULT, {"role": "teacher", "protocol": protocol.name, "scale": protocol.scale,
                                    "sweep": protocol.sweep,
                                    "seed": seed, "config_hash": h, "config": cfg, "teacher": record,

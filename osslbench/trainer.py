@@ -41,12 +41,15 @@ class Trainer:
     """Trains ``method`` on ``data``; writes ``metrics.jsonl`` and ``checkpoint.pt`` into ``run_dir``.
 
     :param config_hash: hash of the resolved config; a checkpoint with another hash is refused.
+    :param teacher_sha256: digest of the teacher's weights; a checkpoint trained against other weights is refused.
     """
 
     def __init__(self, method: Method, data: RunData, schedule: Schedule, run_dir: Path, config_hash: str,
-                 device: torch.device, desc: str = "", progress: bool = True, cache_dir: Path | None = None) -> None:
+                 device: torch.device, desc: str = "", progress: bool = True, cache_dir: Path | None = None,
+                 teacher_sha256: str | None = None) -> None:
         self.method, self.data, self.s = method, data, schedule
         self.run_dir, self.config_hash, self.device = run_dir, config_hash, device
+        self.teacher_sha256 = teacher_sha256
         self.cache_dir = cache_dir  # where the teacher-output cache is memory-mapped from (None = memory only)
         self.teacher_cache: TeacherCache | None = None
         self.labelled_cache: LabelledViewCache | None = None
@@ -107,7 +110,8 @@ class Trainer:
     def save(self, epoch: int) -> None:
         """The checkpoint (which holds the history), then ``metrics.jsonl``, each written atomically: a crash
         between the two is repaired by :meth:`resume`, which rewrites the metrics from the checkpoint."""
-        state = {"epoch": epoch, "config_hash": self.config_hash, "method": self.method.state_dict(),
+        state = {"epoch": epoch, "config_hash": self.config_hash, "teacher_sha256": self.teacher_sha256,
+                 "method": self.method.state_dict(),
                  "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "ema": self.ema.state_dict() if self.ema else None, "history": self.history}
         atomic_write(self.run_dir / CHECKPOINT, lambda p: torch.save(state, p))
@@ -141,6 +145,11 @@ class Trainer:
         if state.get("config_hash") != self.config_hash:
             raise CheckpointError(f"{path} was written by another config (hash {state.get('config_hash')} != "
                                   f"{self.config_hash}); use another --out or --overwrite")
+        saved = state.get("teacher_sha256")  # (absent from checkpoints written before it was recorded)
+        if saved and saved != self.teacher_sha256:  # a --teacher file replaced, or a teacher retrained, mid-run
+            raise CheckpointError(f"{path} was trained against other teacher weights (sha256 {saved[:12]} != "
+                                  f"{str(self.teacher_sha256)[:12]}); restore that teacher, or use another --out "
+                                  "or --overwrite")
         self.method.load_state_dict(state["method"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

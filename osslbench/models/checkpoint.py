@@ -9,6 +9,7 @@ Every failure is a :class:`~osslbench.errors.CheckpointError` with a one-line me
 from __future__ import annotations
 
 import argparse
+import hashlib
 import pickle
 import re
 from collections.abc import Mapping
@@ -22,7 +23,7 @@ from torch import Tensor, nn
 from osslbench.errors import CheckpointError
 from osslbench.fsio import atomic_write
 
-__all__ = ["load_state", "safe_load", "save_state"]
+__all__ = ["load_state", "safe_load", "save_state", "weights_sha256"]
 
 _PREFIXES = ("module.", "_orig_mod.")  # DataParallel / DistributedDataParallel, torch.compile
 _SHOW = 3  # how many offending keys an error message lists
@@ -168,6 +169,19 @@ def load_state(model: nn.Module, path: str | Path) -> dict[str, Any]:
     except RuntimeError as e:  # pragma: no cover - _check_fit catches what load_state_dict would reject
         raise CheckpointError(f"checkpoint {path} does not fit: {_one_line(e)}") from None
     return meta
+
+
+def weights_sha256(path: str | Path) -> str:
+    """SHA-256 of the weights checkpoint ``path`` holds: every entry of its state dict in key order (name without a
+    DataParallel prefix, dtype, shape, bytes), nothing else. The same weights saved as a RepDistiller, an osslbench
+    or a bare checkpoint, at any path, have one digest; other epochs, optimizer states or metadata do not count."""
+    path = Path(path)
+    state, _ = _split(_read(path), path)
+    digest = hashlib.sha256()
+    for key, value in sorted(((_strip(k), v) for k, v in state.items()), key=lambda kv: kv[0]):
+        digest.update(f"{key}|{value.dtype}|{tuple(value.shape)}|".encode())
+        digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def save_state(model: nn.Module, path: str | Path, **meta: Any) -> Path:
