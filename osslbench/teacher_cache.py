@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from .models.base import Net
+from .models.checkpoint import hash_state, hash_tensor
 
 if TYPE_CHECKING:
     from .trainer import Trainer
@@ -82,20 +83,12 @@ def flip_mask(view: Tensor, raw: Tensor) -> Tensor:
     return (view != raw).flatten(1).any(dim=1).cpu()
 
 
-def _digest(h: hashlib._Hash, t: Tensor) -> None:
-    t = t.detach().cpu().contiguous()
-    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-    h.update(t.reshape(-1).view(torch.uint8).numpy())
-
-
 def cache_key(teacher: Net, pool: Tensor, names: Sequence[str], context: dict[str, object]) -> str:
     """Hash of what the cached bits depend on: teacher weights and buffers, the pool's pixels, the outputs
     stored and ``context`` (normalisation, precision, memory format, device, threads, chunk size, torch)."""
     h = hashlib.sha256()
-    for name, t in sorted(teacher.state_dict().items()):
-        h.update(name.encode())
-        _digest(h, t)
-    _digest(h, pool)
+    hash_state(h, teacher.state_dict())
+    hash_tensor(h, pool)
     h.update(repr((tuple(names), sorted(context.items()), torch.__version__)).encode())
     return h.hexdigest()[:16]
 

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from osslbench.errors import CheckpointError
 from osslbench.fsio import atomic_write
 
-__all__ = ["load_state", "safe_load", "save_state", "weights_sha256"]
+__all__ = ["hash_state", "hash_tensor", "load_state", "safe_load", "save_state", "weights_sha256"]
 
 _PREFIXES = ("module.", "_orig_mod.")  # DataParallel / DistributedDataParallel, torch.compile
 _SHOW = 3  # how many offending keys an error message lists
@@ -171,17 +171,29 @@ def load_state(model: nn.Module, path: str | Path) -> dict[str, Any]:
     return meta
 
 
+def hash_tensor(h: hashlib._Hash, t: Tensor) -> None:
+    """Feed ``t``'s dtype, shape and bytes to the hash ``h`` (its memory layout does not count)."""
+    t = t.detach().cpu().contiguous()
+    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def hash_state(h: hashlib._Hash, state: Mapping[str, Tensor]) -> None:
+    """Feed a state dict to the hash ``h``: every entry in name order, its name then :func:`hash_tensor`."""
+    for name, t in sorted(state.items()):
+        h.update(name.encode())
+        hash_tensor(h, t)
+
+
 def weights_sha256(path: str | Path) -> str:
-    """SHA-256 of the weights checkpoint ``path`` holds: every entry of its state dict in key order (name without a
-    DataParallel prefix, dtype, shape, bytes), nothing else. The same weights saved as a RepDistiller, an osslbench
-    or a bare checkpoint, at any path, have one digest; other epochs, optimizer states or metadata do not count."""
+    """SHA-256 of the weights checkpoint ``path`` holds (:func:`hash_state` of its state dict, names without a
+    DataParallel prefix), nothing else: the same weights saved as a RepDistiller, an osslbench or a bare checkpoint,
+    at any path, have one digest; other epochs, optimizer states or metadata do not count."""
     path = Path(path)
     state, _ = _split(_read(path), path)
-    digest = hashlib.sha256()
-    for key, value in sorted(((_strip(k), v) for k, v in state.items()), key=lambda kv: kv[0]):
-        digest.update(f"{key}|{value.dtype}|{tuple(value.shape)}|".encode())
-        digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    h = hashlib.sha256()
+    hash_state(h, {_strip(k): v for k, v in state.items()})
+    return h.hexdigest()
 
 
 def save_state(model: nn.Module, path: str | Path, **meta: Any) -> Path:
