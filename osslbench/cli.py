@@ -97,6 +97,9 @@ def parser() -> argparse.ArgumentParser:
     lb.add_argument("--out", type=Path, default=Path("results"))
     lb.add_argument("--protocol", default=None)
     lb.add_argument("--markdown", action="store_true", help="print Markdown instead of CSV")
+    lb.add_argument("--versus", metavar="METHOD", default=None,
+                    help="print (and write to <protocol>/versus-METHOD.csv / .md) every method's mean per-seed "
+                         "difference from METHOD and a paired t-test's p over the seeds both ran")
 
     pl = sub.add_parser("plot", help="plot leaderboards and training curves into <out>/<protocol>/")
     pl.add_argument("--out", type=Path, default=Path("results"))
@@ -215,16 +218,21 @@ def cmd_splits(args: argparse.Namespace) -> None:
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> None:
-    from .results import collect, leaderboard, markdown, write_leaderboard
+    from .results import collect, leaderboard, markdown, versus, versus_markdown, write_leaderboard
 
     runs = collect(args.out, args.protocol) if args.out.is_dir() else None
     if runs is None or runs.empty:
         raise OsslbenchError(f"no results under {args.out}" + (f" for protocol {args.protocol}" if args.protocol else ""))
+    if args.versus:  # (refused before anything is written when there is no such method to compare with)
+        paired = versus(runs, args.versus)
     try:
         for protocol in sorted(set(runs["protocol"])):
-            write_leaderboard(args.out, protocol)
+            write_leaderboard(args.out, protocol, args.versus)
     except HostError as exc:  # finished results on a read-only disk can still be read
         print(f"osslbench: warning: {exc}; printing the leaderboard only", file=sys.stderr)
+    if args.versus:
+        print(versus_markdown(paired) if args.markdown else paired.to_csv(index=False), end="")
+        return
     table = leaderboard(runs)
     print(markdown(table) if args.markdown else table.to_csv(index=False), end="")
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .errors import CheckpointError
+from .errors import CheckpointError, OsslbenchError
 from .fsio import RunLock, atomic_write_text
 from .protocol import Protocol
 
@@ -127,6 +127,48 @@ def leaderboard(runs: pd.DataFrame) -> pd.DataFrame:
     return table.round(2)
 
 
+#: The metrics :func:`versus` compares per seed.
+PAIRED = ["top1_last", "auroc_last"]
+
+
+def versus(runs: pd.DataFrame, reference: str) -> pd.DataFrame:
+    """Every method against ``reference`` on the seeds both ran in the same (protocol, scale, sweep point), hence on
+    the same splits: per metric of :data:`PAIRED`, the mean of the per-seed differences (``<metric>_delta``, method
+    minus reference) and the two-sided paired t-test's p-value (``<metric>_p``; empty below two paired seeds or
+    when the differences are all equal).
+    Seeds are paired rather than the two means compared: a split that is hard for one method is usually hard for
+    the other, so the paired test resolves differences that the seeds' spread would hide."""
+    from scipy.stats import ttest_rel  # (scikit-learn's own dependency)
+
+    if runs.empty or reference not in set(runs["method"]):
+        raise OsslbenchError(f"--versus {reference}: no results of method {reference!r} to compare with")
+    keys = ["protocol", "scale", *[c for c in runs.columns if c.startswith("sweep_")]]
+    ref = runs[runs["method"] == reference][[*keys, "seed", *PAIRED]]
+    pairs = runs[runs["method"] != reference].merge(ref, on=[*keys, "seed"], suffixes=("", "_ref"))
+    rows = []
+    for key, group in pairs.groupby([*keys, "method"], dropna=False):
+        row = {**dict(zip([*keys, "method"], key, strict=True)), "versus": reference, "paired_seeds": len(group)}
+        for m in PAIRED:
+            diffs = group[m] - group[f"{m}_ref"]
+            row[f"{m}_delta"] = diffs.mean()
+            testable = len(diffs) >= 2 and diffs.std() > 0  # (equal differences have no spread to test against)
+            row[f"{m}_p"] = ttest_rel(group[m], group[f"{m}_ref"]).pvalue if testable else float("nan")
+        rows.append(row)
+    if not rows:
+        return pd.DataFrame(columns=[*keys, "method", "versus", "paired_seeds"])
+    table = pd.DataFrame(rows).sort_values([*keys, f"{PAIRED[0]}_delta"], ascending=[True] * len(keys) + [False])
+    return table.round({f"{m}_delta": 2 for m in PAIRED})
+
+
+def versus_markdown(table: pd.DataFrame) -> str:
+    """:func:`versus` as Markdown: p-values to three decimals ("<0.001" below), none below two paired seeds."""
+    shown = table.copy()
+    for m in PAIRED:
+        if f"{m}_p" in shown.columns:
+            shown[f"{m}_p"] = ["" if pd.isna(p) else "<0.001" if p < 0.001 else f"{p:.3f}" for p in shown[f"{m}_p"]]
+    return shown.to_markdown(index=False) + "\n"
+
+
 def markdown(table: pd.DataFrame) -> str:
     """The leaderboard as Markdown, ``mean ± std`` per metric."""
     if table.empty:
@@ -139,11 +181,17 @@ def markdown(table: pd.DataFrame) -> str:
     return shown.to_markdown(index=False) + "\n"
 
 
-def write_leaderboard(out: Path, protocol: str) -> pd.DataFrame:
-    """Write ``<out>/<protocol>/leaderboard.csv`` and ``.md`` from the runs' ``result.json`` files."""
+def write_leaderboard(out: Path, protocol: str, reference: str | None = None) -> pd.DataFrame:
+    """Write ``<out>/<protocol>/leaderboard.csv`` and ``.md`` from the runs' ``result.json`` files, and
+    ``versus-<reference>.csv`` / ``.md`` (:func:`versus`) when the protocol has runs of ``reference``."""
     folder = out / protocol
     with RunLock(folder, own_temporaries=False):  # collected and written as one step: a concurrent run's result is never dropped
-        table = leaderboard(collect(out, protocol))
+        runs = collect(out, protocol)
+        table = leaderboard(runs)
         atomic_write_text(folder / "leaderboard.csv", table.to_csv(index=False))
         atomic_write_text(folder / "leaderboard.md", markdown(table))
+        if reference and reference in set(runs["method"]):
+            paired = versus(runs, reference)
+            atomic_write_text(folder / f"versus-{reference}.csv", paired.to_csv(index=False))
+            atomic_write_text(folder / f"versus-{reference}.md", versus_markdown(paired))
     return table
