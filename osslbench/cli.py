@@ -218,11 +218,16 @@ def cmd_splits(args: argparse.Namespace) -> None:
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> None:
-    from .results import collect, leaderboard, markdown, versus, versus_markdown, write_leaderboard
+    from .results import collect, leaderboard, markdown, unfinished, versus, versus_markdown, write_leaderboard
 
     runs = collect(args.out, args.protocol) if args.out.is_dir() else None
     if runs is None or runs.empty:
         raise OsslbenchError(f"no results under {args.out}" + (f" for protocol {args.protocol}" if args.protocol else ""))
+    waiting = unfinished(args.out, args.protocol)
+    if waiting:  # so that a row's seed count is not read as all there will be
+        shown = ", ".join(str(p.relative_to(args.out)) for p in waiting[:3]) + (", ..." if len(waiting) > 3 else "")
+        print(f"osslbench: note: {len(waiting)} run(s) interrupted or still running, not in the leaderboard: {shown}",
+              file=sys.stderr)
     if args.versus:  # (refused before anything is written when there is no such method to compare with)
         paired = versus(runs, args.versus)
     try:

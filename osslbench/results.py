@@ -108,6 +108,15 @@ def collect(out: Path, protocol: str | None = None) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def unfinished(out: Path, protocol: str | None = None) -> list[Path]:
+    """Run folders under ``out`` holding a checkpoint but no result: interrupted or running, so in no leaderboard
+    yet (the same ``run`` command resumes them)."""
+    found = []
+    for folder in sorted(out.glob(protocol or "*")):
+        found += [p.parent for p in sorted(folder.rglob("seed*/checkpoint.pt")) if not (p.parent / RESULT).exists()]
+    return found
+
+
 def leaderboard(runs: pd.DataFrame) -> pd.DataFrame:
     """Mean and std over seeds, one row per (protocol, scale, sweep point, method); best top-1 first."""
     if runs.empty:

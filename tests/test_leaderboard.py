@@ -1,4 +1,5 @@
-"""``osslbench leaderboard --versus M``: each method against M on the seeds both ran, a paired t-test per metric."""
+"""``osslbench leaderboard``: ``--versus M`` (each method against M on the seeds both ran, a paired t-test per
+metric) and the note on runs that are not in it yet."""
 
 from __future__ import annotations
 
@@ -87,3 +88,19 @@ def test_cli_prints_and_writes_the_comparison_and_refuses_an_absent_reference(ca
     assert sorted(p.name for p in folder.iterdir()) == before
     with pytest.raises(OsslbenchError):
         versus(collect(tmp_path / "nothing-here"), "srd")
+
+
+def test_runs_without_a_result_are_named_not_counted(capsys, tmp_path):
+    for seed in (0, 1):
+        write_run(tmp_path, "srd", seed, 50.0)
+    for method in ("kd", "dist"):  # interrupted (or running): a checkpoint, no result yet
+        folder = tmp_path / "digits-openset" / "smoke" / method / "seed2"
+        folder.mkdir(parents=True)
+        (folder / "checkpoint.pt").write_bytes(b"")
+    code, out, err = run_cli(capsys, "leaderboard", "--out", str(tmp_path))
+    assert code == 0 and out.count("digits-openset,smoke,") == 1  # srd only, over its 2 seeds
+    assert err == ("osslbench: note: 2 run(s) interrupted or still running, not in the leaderboard: "
+                   "digits-openset/smoke/dist/seed2, digits-openset/smoke/kd/seed2\n")
+    (tmp_path / "digits-openset/smoke/kd/seed2/result.json").write_text((tmp_path / "digits-openset/smoke/srd/seed0/"
+                                                                         "result.json").read_text())
+    assert "1 run(s)" in run_cli(capsys, "leaderboard", "--out", str(tmp_path))[2]  # kd's result landed
