@@ -58,12 +58,15 @@ def load_teacher_file(path: Path, protocol: Protocol, data: RunData, device: tor
     model = _build(protocol, data, 0)
     load_state(model, path)
     cls = get_method("supervised")
-    method = cls(cls.Config(), model).to(device)
-    prepare = lambda x: normalize(x.to(device), data.mean, data.std)  # noqa: E731
+    # evaluated as a run evaluates (its memory format and precision), so the same weights score the same whether
+    # the harness trained them or a file holds them
+    fmt = torch.channels_last if protocol.train.channels_last else torch.contiguous_format
+    method = cls(cls.Config(), model).to(device=device, memory_format=fmt)
+    prepare = lambda x: normalize(x.to(device), data.mean, data.std).contiguous(memory_format=fmt)  # noqa: E731
     m = evaluate(method, data.test_x, data.test_y, data.outlier_x, prepare, protocol.train.eval_batch_size,
                  autocast_context(device, protocol.train.amp, forward_mflop([model], tuple(data.test_x.shape[1:]))))
-    return model.cpu(), {"source": "file", "path": str(path), "sha256": weights_sha256(path),
-                         "arch": protocol.models.teacher, **m}
+    record = {"source": "file", "path": str(path), "sha256": weights_sha256(path), "arch": protocol.models.teacher, **m}
+    return model.cpu().to(memory_format=torch.contiguous_format), record
 
 
 def get_teacher(protocol: Protocol, seed: int, data: RunData, out: Path, device: torch.device,
