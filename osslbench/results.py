@@ -146,7 +146,8 @@ def versus(runs: pd.DataFrame, reference: str) -> pd.DataFrame:
     minus reference) and the two-sided paired t-test's p-value (``<metric>_p``; empty below two paired seeds or
     when the differences are all equal).
     Seeds are paired rather than the two means compared: a split that is hard for one method is usually hard for
-    the other, so the paired test resolves differences that the seeds' spread would hide."""
+    the other, so the paired test resolves differences that the seeds' spread would hide. Each p-value is for its
+    own comparison (no correction for the number of methods compared)."""
     from scipy.stats import ttest_rel  # (scikit-learn's own dependency)
 
     if runs.empty or reference not in set(runs["method"]):
