@@ -10,6 +10,9 @@ vary between machines and with their load), the share of the step spent on data,
 precision, the CPU/GPU model, the FLOPs of one step (``torch.utils.flop_counter.FlopCounterMode``) and the
 achieved GFLOP/s.
 
+``os_share`` is the part of the step's CPU time (all threads, this process) spent in the kernel, mostly on
+``faults_per_step`` (minor page faults: memory the allocator returned to the OS and takes back, zeroed).
+
 Shares: ``data`` = producing the batch (augmentation, normalisation, transfer, cache lookup); ``teacher`` = the
 frozen teacher's forward passes; ``student`` = the student's forward + the whole backward pass + the optimiser
 (and EMA) update; ``loss`` = the rest of the method's ``losses`` (connector, heads, loss terms).
@@ -42,6 +45,11 @@ from .reference_pipeline import reference_batches, reference_data, reference_ste
 from .registry import get_method, method_config
 from .teacher_view_cache import MIN_BATCH, mean_hit_rate, prefill
 from .trainer import Trainer
+
+try:
+    import resource  # POSIX: kernel time and page faults of the timed steps
+except ImportError:  # Windows
+    resource = None
 
 SHARES = ("data", "teacher", "student", "loss")
 
@@ -81,6 +89,7 @@ class StepClock:
         self.totals = dict.fromkeys((*SHARES, "step"), 0.0)
         self.images = 0
         self.steps = 0
+        self.cpu = dict.fromkeys(("user_s", "os_s", "faults"), 0.0)  # getrusage of the timed steps
         self.on = False
         self._t: dict[str, float] = {}
         self._losses_s = 0.0
@@ -123,6 +132,7 @@ class StepClock:
 
     def run(self, batches: Iterator[Batch], step: Callable[[Batch], object], n: int, timed: bool) -> None:
         """``n`` steps; counted in the totals when ``timed``."""
+        before = _usage()
         for _ in range(n):
             self._losses_s = self._student_fwd = self._teacher = 0.0
             t0 = self.now()
@@ -138,6 +148,9 @@ class StepClock:
                 self.totals["loss"] += self._losses_s - self._teacher - self._student_fwd
                 self.totals["student"] += (t2 - t1) - self._losses_s + self._student_fwd
                 self.totals["step"] += t2 - t0
+        if timed and before is not None:
+            for k, v in _usage().items():
+                self.cpu[k] += v - before[k]
 
     def close(self) -> None:
         for h in self.handles:
@@ -151,7 +164,18 @@ class StepClock:
                 "shares": {k: round(self.totals[k] / total, 4) for k in SHARES}, "precision": precision,
                 "gflop_per_step": round(flops / 1e9, 3),
                 "gflop_per_image": round(flops / 1e9 / (self.images / self.steps), 4),
-                "gflop_per_s": round(flops / 1e9 / (total / self.steps), 2)}
+                "gflop_per_s": round(flops / 1e9 / (total / self.steps), 2),
+                "os_share": round(self.cpu["os_s"] / max(self.cpu["os_s"] + self.cpu["user_s"], 1e-9), 4)
+                if resource else None,
+                "faults_per_step": round(self.cpu["faults"] / self.steps) if resource else None}
+
+
+def _usage() -> dict[str, float] | None:
+    """This process's CPU seconds in user and kernel mode and its minor page faults (None without ``resource``)."""
+    if resource is None:
+        return None
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return {"user_s": r.ru_utime, "os_s": r.ru_stime, "faults": float(r.ru_minflt)}
 
 
 def _flops(step: Callable[[Batch], object], batch: Batch) -> float:
@@ -315,6 +339,10 @@ def format_report(r: dict) -> str:
         lines.append(f"ratio osslbench / reference: {r['ratio']:.2f}x "
                      f"({r['osslbench']['images']} images each, {r['osslbench']['steps']} timed steps after {r['warmup']}, "
                      f"in {r['rounds']} rounds taking turns: {', '.join(f'{x:.2f}x' for x in r['round_ratios'])})")
+    os_parts = [f"{name} {r[name]['os_share']:.1%} ({r[name]['faults_per_step']:,} page faults per step)"
+                for name in ("osslbench", "reference") if name in r and r[name].get("os_share") is not None]
+    if os_parts:
+        lines.append("CPU time in the kernel: " + ", ".join(os_parts))
     c = r["osslbench"]["teacher_cache"]
     lines.append("teacher cache: " + (f"on ({', '.join(c['outputs'])}, stored as {c['stored']}; {c['MiB']} MiB; "
                                       f"built in {c['build_s']} s)"

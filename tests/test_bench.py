@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
+import torch
 
-from osslbench.bench import SHARES, BenchOptions, _rounds, format_report, run_bench
+from osslbench.bench import SHARES, BenchOptions, StepClock, _rounds, format_report, run_bench
 from osslbench.cli import main
 from osslbench.config import parse_overrides
 from osslbench.errors import OsslbenchError
@@ -15,7 +17,7 @@ from osslbench.protocol_loader import load_protocol
 from osslbench.teacher_view_cache import mean_hit_rate
 
 PIPELINE_FIELDS = {"images", "steps", "seconds", "img_per_s", "step_s", "shares", "precision", "gflop_per_step",
-                   "gflop_per_image", "gflop_per_s", "memory_format"}
+                   "gflop_per_image", "gflop_per_s", "memory_format", "os_share", "faults_per_step"}
 
 
 @pytest.mark.parametrize("method", ["srd", "kd", "fixmatch"])
@@ -34,6 +36,7 @@ def test_both_pipelines_run_the_same_images_and_report_every_field(tmp_path, met
         assert all(v >= -1e-3 for v in p["shares"].values())
         assert p["gflop_per_step"] > 0 and p["img_per_s"] > 0
         assert p["img_per_s"] == pytest.approx(p["images"] / p["seconds"], rel=1e-2)
+        assert 0.0 <= p["os_share"] <= 1.0 and p["faults_per_step"] >= 0
     assert ref["precision"] == "fp32" and ref["memory_format"] == "contiguous" and ref["workers"] == 0
     assert r["ratio"] == pytest.approx(ours["img_per_s"] / ref["img_per_s"], rel=1e-2)
     assert ours["teacher_cache"]["used"] is (method != "fixmatch")
@@ -47,7 +50,7 @@ def test_both_pipelines_run_the_same_images_and_report_every_field(tmp_path, met
         assert 0.0 < labelled["share_stored"] < 1.0 and 0.0 <= labelled["hit_rate"] <= 1.0
         assert labelled["views"] == 18 and labelled["run_draws_per_image"] > 0
     text = format_report(r)
-    assert "ratio osslbench / reference" in text
+    assert "ratio osslbench / reference" in text and "CPU time in the kernel: osslbench" in text
     assert ("stored as pooled" in text) is (method != "fixmatch")  # KD's logits too: classifier of the pooled vector
 
 
@@ -96,3 +99,18 @@ def test_cli_bench_unknown_method_is_one_line(tmp_path, capsys):
 def test_timed_steps_split_into_rounds():
     assert _rounds(20, 4) == [5, 5, 5, 5] and _rounds(7, 3) == [3, 2, 2] and _rounds(2, 4) == [1, 1]
     assert _rounds(5, 1) == [5]
+
+
+def test_step_clock_counts_the_page_faults_of_the_timed_steps_only():
+    """A step that writes 64 MiB of fresh memory (above glibc's largest mmap threshold, so mapped anew each time)
+    faults; an idle step does not; untimed steps are not counted."""
+    method = SimpleNamespace(_teacher=SimpleNamespace(module=None), student=torch.nn.Identity(), losses=lambda b: {})
+    batches = iter(lambda: SimpleNamespace(x_lb=torch.zeros(1, 1), idx_ulb=[]), None)
+    fresh = StepClock(method, torch.device("cpu"))
+    fresh.run(batches, lambda b: torch.ones(16 << 20), 3, timed=True)
+    idle = StepClock(method, torch.device("cpu"))
+    idle.run(batches, lambda b: torch.ones(16 << 20), 3, timed=False)  # faults, but untimed
+    idle.run(batches, lambda b: None, 3, timed=True)
+    a, b = fresh.report(1.0, "fp32"), idle.report(1.0, "fp32")
+    assert a["faults_per_step"] > b["faults_per_step"] + 16  # 16 x 4 KiB pages at least (2 MiB huge pages: 32)
+    assert idle.cpu["faults"] < 3 * 16
