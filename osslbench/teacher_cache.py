@@ -18,14 +18,14 @@ A method declares what it reads from the teacher (``Method.teacher_outputs``): `
 is stored (:func:`stored_outputs`) is the pooled vector for a method reading logits and/or the pooled vector, its
 logits served as ``teacher.classifier(pooled)`` over the batch's rows (:func:`derive`), the operation the forward
 pass ends with (``Net.head``): so KD, DKD, DIST (logits), SRD (the pooled vector) and CRD, CC, RKD, PKT (both)
-share one file, which the first of them builds (WRN-40-2 on the paper's 100,000-image pool, fp32: 0.5 KiB per image
+share one file, which the first of them builds while runs that need it at the same time wait for it (a lock
+beside the file), then load it (WRN-40-2 on the paper's 100,000-image pool, fp32: 0.5 KiB per image
 and flip, 98 MiB); a method reading the final map stores it (32 KiB per image and flip, 6.1 GiB).
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from .fsio import RunLock, atomic_write
 from .models.base import Net
 from .models.checkpoint import hash_state, hash_tensor
 
@@ -141,14 +142,35 @@ def build_teacher_cache(teacher: Net, pool: Tensor, names: Sequence[str], prepar
         at batch size 1, never seen to differ between larger batches).
     """
     names, stored = tuple(names), stored_outputs(names)
-    path = folder / f"{key}.pt" if folder is not None else None
-    if path is not None and path.exists():
-        try:
-            outputs = torch.load(path, mmap=True, weights_only=True)
-            if set(outputs) == set(stored):
-                return TeacherCache(outputs, key, teacher, names, loaded=True)
-        except Exception:  # a damaged cache file is rebuilt (it holds nothing that cannot be recomputed)
-            pass
+    if folder is None:
+        return _build(teacher, pool, names, stored, prepare, autocast, chunk, key)
+    path = folder / f"{key}.pt"
+    outputs = _load(path, stored)
+    if outputs is None:
+        # runs started together (a grid's methods in parallel, several processes) need the same file: one builds
+        # it, the others wait and load it
+        with RunLock(folder / f".{key}.building", own_temporaries=False):
+            outputs = _load(path, stored)
+            if outputs is None:
+                return _build(teacher, pool, names, stored, prepare, autocast, chunk, key, path)
+    return TeacherCache(outputs, key, teacher, names, loaded=True)
+
+
+def _load(path: Path, stored: tuple[str, ...]) -> dict[str, Tensor] | None:
+    """The stored outputs memory-mapped from ``path``; None when it is absent, damaged or holds others."""
+    if not path.exists():
+        return None
+    try:
+        outputs = torch.load(path, mmap=True, weights_only=True)
+    except Exception:  # a damaged cache file is rebuilt (it holds nothing that cannot be recomputed)
+        return None
+    return outputs if set(outputs) == set(stored) else None
+
+
+def _build(teacher: Net, pool: Tensor, names: tuple[str, ...], stored: tuple[str, ...],
+           prepare: Callable[[Tensor], Tensor], autocast: Callable[[], object], chunk: int, key: str,
+           path: Path | None = None) -> TeacherCache:
+    """Compute the ``stored`` outputs on both flips of ``pool``; written to ``path`` (then memory-mapped) if given."""
     t0 = time.perf_counter()
     n = len(pool)
     parts: dict[str, list[Tensor]] = {k: [] for k in stored}
@@ -170,10 +192,7 @@ def build_teacher_cache(teacher: Net, pool: Tensor, names: Sequence[str], prepar
     teacher.train(was)
     outputs = {k: torch.cat(v).view(2, n, *v[0].shape[1:]) for k, v in parts.items()}
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-        torch.save(outputs, tmp)
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: torch.save(outputs, tmp))
         outputs = torch.load(path, mmap=True, weights_only=True)
     return TeacherCache(outputs, key, teacher, names, build_s=time.perf_counter() - t0)
 

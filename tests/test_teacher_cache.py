@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ from osslbench.data.dataset import load_run_data, make_splits
 from osslbench.data.pipeline import view as pipeline_view
 from osslbench.device import seeded_init
 from osslbench.distill import FeatureDistiller
+from osslbench.fsio import RunLock
 from osslbench.models import build_model
 from osslbench.protocol_loader import load_protocol
 from osslbench.registry import get_method, method_config, methods
@@ -132,6 +135,24 @@ def test_cache_is_memory_mapped_and_keyed(tmp_path):
         assert shared["used"] and shared["loaded"] and shared["key"] == first["key"], shared
     other = _trainer(tmp_path, "srd", ["train.amp=true"], cache_dir).use_teacher_cache(force=True)
     assert not other["loaded"] and other["key"] != first["key"]  # another precision: another file
+
+
+def test_a_cache_being_built_elsewhere_is_waited_for_and_loaded(tmp_path):
+    """Runs started together: while one builds the pool cache (holding its lock), another waits and then loads the
+    file instead of building it a second time."""
+    built = _trainer(tmp_path, "srd", [], tmp_path / "elsewhere").use_teacher_cache(force=True)
+    cache_dir = tmp_path / "teacher-cache"
+    waiter = _trainer(tmp_path, "srd", [], cache_dir)
+    records: list[dict] = []
+    with RunLock(cache_dir / f".{built['key']}.building", own_temporaries=False):
+        thread = threading.Thread(target=lambda: records.append(waiter.use_teacher_cache(force=True)))
+        thread.start()
+        thread.join(timeout=1.0)
+        assert thread.is_alive() and not records  # waiting for the builder
+        shutil.copy(tmp_path / "elsewhere" / f"{built['key']}.pt", cache_dir)  # the builder's file lands
+    thread.join(timeout=60)
+    assert records and records[0]["used"] and records[0]["loaded"] and records[0]["key"] == built["key"]
+    assert sorted(p.name for p in cache_dir.iterdir()) == [f"{built['key']}.pt"]  # no lock or temporary left
 
 
 def test_cache_is_off_where_logits_of_the_pooled_vector_differ(tmp_path, monkeypatch):
