@@ -99,6 +99,8 @@ def collect(out: Path, protocol: str | None = None) -> pd.DataFrame:
                          **{f"sweep_{k}": v for k, v in r.get("sweep", {}).items()},
                          "method": r["method"], "seed": r["seed"], "config_hash": r["config_hash"],
                          "teacher_top1": r.get("teacher", {}).get("top1"),
+                         # the teacher's weights (``teacher.sha256``; older results did not record them)
+                         "teacher_sha256": _teacher_digest(r.get("teacher")),
                          # the unlabelled pool's real fraction of unseen-class images
                          "mismatch": sizes.get("unlabelled_unseen", 0) / pool if pool else float("nan"),
                          "steps": r.get("steps"), "precision": _precision(r),
@@ -132,8 +134,24 @@ def leaderboard(runs: pd.DataFrame) -> pd.DataFrame:
     table["steps"] = grouped["steps"].max().astype("Int64")  # a count: 4000, not 4000.0 beside runs older than the field
     table["precision"] = grouped["precision"].agg(lambda s: "+".join(sorted(set(map(str, s)))))
     table["config_hashes"] = grouped["config_hash"].agg(lambda s: ",".join(sorted(set(s))))
+    if "teacher_sha256" in runs.columns:
+        table["teacher_weights"] = grouped["teacher_sha256"].agg(_teacher_weights)
     table = table.reset_index().sort_values([*keys[:-1], "top1_last"], ascending=[True] * (len(keys) - 1) + [False])
     return table.round(2)
+
+
+def _teacher_digest(teacher: dict | None) -> str | None:
+    """A run's teacher weights by the first 12 hex digits of their SHA-256; ``unrecorded`` for a result older than
+    the digest; None without a teacher."""
+    if not teacher:
+        return None
+    return teacher["sha256"][:12] if teacher.get("sha256") else "unrecorded"
+
+
+def _teacher_weights(digests: pd.Series) -> str:
+    """The teacher weights of a row's runs (:func:`_teacher_digest`), ``,`` between several (a row mixing
+    teachers, or runs of which some predate the digest); empty without a teacher."""
+    return ",".join(sorted(set(digests.dropna())))
 
 
 #: The metrics :func:`versus` compares per seed.
@@ -183,7 +201,8 @@ def markdown(table: pd.DataFrame) -> str:
     """The leaderboard as Markdown, ``mean ± std`` per metric."""
     if table.empty:
         return "(no results)\n"
-    shown = table[[c for c in table.columns if not c.endswith("_std") and c != "config_hashes"]].copy()
+    hidden = {"config_hashes", "teacher_weights"}  # digests: in the CSV, too wide for the table
+    shown = table[[c for c in table.columns if not c.endswith("_std") and c not in hidden]].copy()
     for m in METRICS:  # "mean ± std" over seeds; a single seed has no spread to show
         if m in shown.columns and f"{m}_std" in table.columns:
             pairs = zip(table[m], table[f"{m}_std"], strict=True)

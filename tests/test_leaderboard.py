@@ -10,12 +10,13 @@ from pathlib import Path
 import pytest
 
 from osslbench.errors import OsslbenchError
-from osslbench.results import collect, versus
+from osslbench.results import collect, leaderboard, markdown, versus
 
 from helpers import run_cli
 
 
-def write_run(out: Path, method: str, seed: int, top1: float, auroc: float = 70.0, sweep: dict | None = None) -> None:
+def write_run(out: Path, method: str, seed: int, top1: float, auroc: float = 70.0, sweep: dict | None = None,
+              teacher: dict | None = None) -> None:
     """A finished run's ``result.json`` as ``run`` leaves it (the fields the leaderboard reads)."""
     point = "_".join(f"{k}{v}" for k, v in (sweep or {}).items())
     folder = out / "digits-openset" / "smoke" / point / method / f"seed{seed}"
@@ -24,7 +25,7 @@ def write_run(out: Path, method: str, seed: int, top1: float, auroc: float = 70.
                "train_s": 1.0, "hook_s": 0.0}
     folder.joinpath("result.json").write_text(json.dumps({
         "role": "student", "protocol": "digits-openset", "scale": "smoke", "sweep": sweep or {}, "method": method,
-        "seed": seed, "config_hash": f"{method}{seed}", "teacher": {}, "metrics": metrics, "split": {}}))
+        "seed": seed, "config_hash": f"{method}{seed}", "teacher": teacher or {}, "metrics": metrics, "split": {}}))
 
 
 def t_test_p_two_seeds_of_freedom(diffs: list[float]) -> float:
@@ -104,3 +105,20 @@ def test_runs_without_a_result_are_named_not_counted(capsys, tmp_path):
     (tmp_path / "digits-openset/smoke/kd/seed2/result.json").write_text((tmp_path / "digits-openset/smoke/srd/seed0/"
                                                                          "result.json").read_text())
     assert "1 run(s)" in run_cli(capsys, "leaderboard", "--out", str(tmp_path))[2]  # kd's result landed
+
+
+def test_each_row_names_the_teacher_weights_its_runs_distilled(tmp_path):
+    """The CSV's ``teacher_weights``: one digest where every seed distilled the same weights, several where a row
+    mixes teachers or runs older than the digest; empty for a method without a teacher."""
+    a, b = {"top1": 60.0, "sha256": "a" * 64}, {"top1": 61.0, "sha256": "b" * 64}
+    for seed in (0, 1):
+        write_run(tmp_path, "kd", seed, 50.0, teacher=a)
+        write_run(tmp_path, "supervised", seed, 40.0)
+    write_run(tmp_path, "srd", 0, 55.0, teacher=a)
+    write_run(tmp_path, "srd", 1, 55.0, teacher=b)
+    write_run(tmp_path, "dkd", 0, 54.0, teacher={"top1": 60.0})  # a result from before the digest
+    write_run(tmp_path, "dkd", 1, 54.0, teacher=a)
+    table = leaderboard(collect(tmp_path)).set_index("method")["teacher_weights"]
+    assert table.to_dict() == {"kd": "a" * 12, "srd": f"{'a' * 12},{'b' * 12}", "dkd": f"{'a' * 12},unrecorded",
+                               "supervised": ""}
+    assert "teacher_weights" not in markdown(leaderboard(collect(tmp_path)))  # the CSV's, like the config hashes
