@@ -9,7 +9,7 @@ temperature), logit standardisation (Sun et al. 2024), and the shared step of Re
 with the labelled and the unlabelled images of a batch (64 + 64) in ONE student pass and one no-grad pass of the
 frozen, eval-mode teacher. A baseline file only says which layers it reads and writes its paper's loss.
 
-Layers are chosen as in RepDistiller (``train_student.py``, ``helper/loops.py``): by Python index into its
+Layers are chosen as in RepDistiller (``train_student.py``, ``helper/loops.py``; :mod:`osslbench.feature_maps`): by index into its
 ``is_feat`` list, i.e. the network's stage maps, shallow to deep, followed by the pooled final vector (``feat[-1]``;
 ``feat[-2]`` is the last map, ``feat[1:-1]`` the stage outputs). Here that list is built from ``Net``'s feature
 maps (minus a head convolution's map that RepDistiller leaves out, ``Net.head_maps``) plus ``Net.pool`` of the
@@ -30,14 +30,13 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .errors import ConfigError
+from .feature_maps import Shape, match_spatial, pick, probe, regressor_fits, repdistiller_feats
 from .method import Batch, Method, MethodConfig, cross_entropy, kl_div_t
 from .models.base import Net
 from .protocol import OptimConfig
-
-Shape = tuple[int, ...]
 
 
 @dataclass
@@ -128,62 +127,6 @@ class InitStageConfig(FeatureDistillConfig):
             raise ValueError("init_epochs and init_lr must be >= 0")
 
 
-def parse_layers(spec: str, key: str) -> slice | list[int]:
-    """A layer choice: a Python slice ``"1:-1"`` or indices ``"-2"`` / ``"1,2,3"`` into RepDistiller's list."""
-    text = spec.replace(" ", "")
-    try:
-        if ":" in text:
-            parts = text.split(":")
-            if len(parts) != 2:
-                raise ValueError
-            start, stop = (int(p) if p else None for p in parts)
-            return slice(start, stop)
-        return [int(p) for p in text.split(",")]
-    except ValueError:
-        raise ConfigError(f"{key} = {spec!r}: expected indices like '-2' or '1,2' or a slice like '1:-1' into "
-                          "RepDistiller's feature list") from None
-
-
-def pick(spec: str, n: int, key: str, net: str) -> list[int]:
-    """Positions (0..n-1) that ``spec`` selects in a list of ``n`` entries; an index out of range is an error."""
-    sel = parse_layers(spec, key)
-    if isinstance(sel, slice):
-        return list(range(n))[sel]
-    for i in sel:
-        if not -n <= i < n:
-            raise ConfigError(f"{key} = {spec!r}: index {i} is out of range for the {net}, whose feature list "
-                              f"has {n} entries ({n - 1} maps + the pooled vector)")
-    return [i % n for i in sel]
-
-
-def first_conv(net: nn.Module) -> nn.Conv2d:
-    return next(m for m in net.modules() if isinstance(m, nn.Conv2d))
-
-
-def probe(net: Net, image_size: int, preact: bool = False) -> list[Shape]:
-    """Shapes (without batch) of RepDistiller's feature list of ``net`` on ``image_size`` inputs: maps ``(C, H, W)``
-    then the pooled vector ``(C,)``. Two zero images in eval mode: no BatchNorm statistic and no random draw."""
-    was = net.training
-    net.eval()
-    with torch.no_grad():
-        x = torch.zeros(2, first_conv(net).in_channels, image_size, image_size,
-                        device=next(net.parameters()).device)
-        feats = repdistiller_feats(net, x, preact)[1]
-    net.train(was)
-    return [tuple(f.shape[1:]) for f in feats]
-
-
-def repdistiller_feats(net: Net, x: Tensor, preact: bool = False) -> tuple[Tensor, list[Tensor]]:
-    """``(logits, feats)`` with ``feats`` RepDistiller's ``is_feat`` list: the stage maps (pre-activations with
-    ``preact``, RepDistiller's ``preact=True``) then the pooled final vector; one forward pass."""
-    if preact:
-        post, maps = net.forward_preact(x)
-    else:
-        post = maps = net.forward_features(x)
-    pooled = net.pool(post[-1])
-    return net.classifier(pooled), [*maps[:len(maps) - net.head_maps], pooled]
-
-
 class FeatureDistiller(Distiller):
     """Base of the feature distillers: one student pass over labelled + unlabelled images, CE on the labelled,
     the optional KD term and ``beta * distill(feat_s, feat_t)`` on all of them.
@@ -197,8 +140,9 @@ class FeatureDistiller(Distiller):
     :cvar layers_key: the config field holding the layer choice (e.g. ``"layers"``): the default
         :meth:`check_shapes` checks it and ``self.layer_pairs`` holds its pairs before :meth:`build`; ``""`` = the
         distiller reads the pooled vector only (CC, RKD, PKT).
-    :cvar regressed: each chosen student map is mapped onto its teacher map by a :class:`ConvRegressor` (FitNet's
-        hint regressor, AB's connectors): the default :meth:`check_shapes` also checks that one fits.
+    :cvar regressed: each chosen student map is mapped onto its teacher map by a
+        :class:`~osslbench.feature_maps.ConvRegressor` (FitNet's hint regressor, AB's connectors): the default
+        :meth:`check_shapes` also checks that one fits.
     """
 
     preact: ClassVar[bool] = False
@@ -325,48 +269,3 @@ class FeatureDistiller(Distiller):
             if cfg.beta:
                 out[self.name] = cfg.beta * self.distill(feat_s, feat_t)
         return out
-
-
-# --- pieces several distillers share ---------------------------------------------------------------
-def match_spatial(f_s: Tensor, f_t: Tensor) -> tuple[Tensor, Tensor]:
-    """Average-pool the larger of two maps to the other's size (RepDistiller's AT, VID, FT, NST)."""
-    if f_s.shape[2:] == f_t.shape[2:]:
-        return f_s, f_t
-    if f_s.shape[2] > f_t.shape[2]:
-        return nn.functional.adaptive_avg_pool2d(f_s, f_t.shape[2:]), f_t
-    return f_s, nn.functional.adaptive_avg_pool2d(f_t, f_s.shape[2:])
-
-
-def attention_map(f: Tensor, p: float) -> Tensor:
-    """``vec(mean_c f_c^p)``, L2-normalised per image: AT's spatial attention map (Zagoruyko & Komodakis 2017) and,
-    with ``p = 2``, FT's factor (``FactorTransfer.factor``, Kim et al. 2018)."""
-    return nn.functional.normalize(f.float().pow(p).mean(1).flatten(1))
-
-
-def regressor_fits(s: Shape, t: Shape) -> bool:
-    """RepDistiller's ``ConvReg`` maps a student map of side ``s_H`` to the teacher's ``t_H`` when ``s_H = 2 t_H``
-    (stride-2 conv), ``2 s_H = t_H`` (transposed conv) or ``s_H >= t_H`` (valid conv); square maps."""
-    return s[1] == 2 * t[1] or 2 * s[1] == t[1] or s[1] >= t[1]
-
-
-class ConvRegressor(nn.Module):
-    """RepDistiller's ``ConvReg`` (``models/util.py``): a convolution from the student's map shape ``(C, H, W)``
-    to the teacher's, then BatchNorm and (FitNet's hint regressor) ReLU; AB's connector has no ReLU."""
-
-    def __init__(self, s: Shape, t: Shape, relu: bool = True) -> None:
-        super().__init__()
-        (s_c, s_h, s_w), (t_c, t_h, t_w) = s, t
-        if s_h == 2 * t_h:
-            self.conv: nn.Module = nn.Conv2d(s_c, t_c, kernel_size=3, stride=2, padding=1)
-        elif s_h * 2 == t_h:
-            self.conv = nn.ConvTranspose2d(s_c, t_c, kernel_size=4, stride=2, padding=1)
-        elif s_h >= t_h:
-            self.conv = nn.Conv2d(s_c, t_c, kernel_size=(1 + s_h - t_h, 1 + s_w - t_w))
-        else:
-            raise ValueError(f"no regressor from a {s_h}x{s_w} map to a {t_h}x{t_w} map")
-        self.bn = nn.BatchNorm2d(t_c)
-        self.relu = relu
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = self.bn(self.conv(x))
-        return nn.functional.relu(out) if self.relu else out

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from osslbench.distill import ConvRegressor, FeatureDistiller, InitStageConfig, Shape
+from osslbench.distill import FeatureDistiller, InitStageConfig
+from osslbench.feature_maps import ConvRegressor, Shape
 
 
 @dataclass

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from osslbench.distill import FeatureDistillConfig, FeatureDistiller, attention_map
+from osslbench.distill import FeatureDistillConfig, FeatureDistiller
+from osslbench.feature_maps import attention_map
 
 
 @dataclass

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from osslbench.distill import FeatureDistillConfig, FeatureDistiller, Shape
+from osslbench.distill import FeatureDistillConfig, FeatureDistiller
+from osslbench.feature_maps import Shape
 
 
 @dataclass

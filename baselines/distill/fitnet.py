@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from torch import Tensor
 from torch.nn import functional as F
 
-from osslbench.distill import ConvRegressor, FeatureDistillConfig, FeatureDistiller, Shape
+from osslbench.distill import FeatureDistillConfig, FeatureDistiller
+from osslbench.feature_maps import ConvRegressor, Shape
 
 
 @dataclass

@@ -26,8 +26,9 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from osslbench.distill import FeatureDistiller, InitStageConfig, Shape
+from osslbench.distill import FeatureDistiller, InitStageConfig
 from osslbench.errors import ConfigError
+from osslbench.feature_maps import Shape
 
 
 @dataclass

@@ -23,7 +23,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from osslbench.distill import FeatureDistiller, InitStageConfig, Shape, attention_map, match_spatial
+from osslbench.distill import FeatureDistiller, InitStageConfig
+from osslbench.feature_maps import Shape, attention_map, match_spatial
 
 
 @dataclass

@@ -19,7 +19,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from osslbench.distill import FeatureDistillConfig, FeatureDistiller, Shape
+from osslbench.distill import FeatureDistillConfig, FeatureDistiller
+from osslbench.feature_maps import Shape
 
 
 @dataclass
