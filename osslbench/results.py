@@ -134,8 +134,7 @@ def leaderboard(runs: pd.DataFrame) -> pd.DataFrame:
     table["steps"] = grouped["steps"].max().astype("Int64")  # a count: 4000, not 4000.0 beside runs older than the field
     table["precision"] = grouped["precision"].agg(lambda s: "+".join(sorted(set(map(str, s)))))
     table["config_hashes"] = grouped["config_hash"].agg(lambda s: ",".join(sorted(set(s))))
-    if "teacher_sha256" in runs.columns:
-        table["teacher_weights"] = grouped["teacher_sha256"].agg(_teacher_weights)
+    table["teacher_weights"] = grouped["teacher_sha256"].agg(_teacher_weights)
     table = table.reset_index().sort_values([*keys[:-1], "top1_last"], ascending=[True] * (len(keys) - 1) + [False])
     return table.round(2)
 
