@@ -213,6 +213,8 @@ def run_bench(protocol: Protocol, method_name: str, opts: BenchOptions) -> dict:
         raise OsslbenchError(f"--labelled-hit-rate must be in [0, 1], got {opts.labelled_hit_rate}")
     if opts.prior_runs < 0:
         raise OsslbenchError(f"--prior-runs must be >= 0, got {opts.prior_runs}")
+    if opts.threads < 0:
+        raise OsslbenchError(f"--threads must be >= 0 (0 = torch's default), got {opts.threads}")
     if opts.threads:
         torch.set_num_threads(opts.threads)
     device = pick_device(opts.device)

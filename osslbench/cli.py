@@ -136,8 +136,10 @@ def cmd_run(args: argparse.Namespace) -> None:
     protocol = points[0]
     methods = resolve_method_names(args.methods, protocol)
     seeds = _seeds(args.seeds, protocol.seeds)
-    if args.jobs < 1 or args.threads < 0:
-        raise OsslbenchError("--jobs must be >= 1 and --threads >= 0")
+    if args.jobs < 1:
+        raise OsslbenchError(f"--jobs {args.jobs}: must be >= 1 (runs at once)")
+    if args.threads < 0:
+        raise OsslbenchError(f"--threads {args.threads}: must be >= 0 (0 = the cores divided among the jobs)")
     opts = RunOptions(data_root=args.data_root, out=args.out, teacher=args.teacher, device=args.device,
                       jobs=args.jobs, cluster=args.cluster, threads=args.threads, download=args.download,
                       overwrite=args.overwrite, progress=not args.quiet)

@@ -159,13 +159,31 @@ def load_protocol(name: str, scale: str | None = None, overrides: dict[str, Any]
     chosen = None
     for other in [scale, *[n for n in names if n != scale]]:
         at = where if other == scale else f"{where} [scales.{other}]"
-        merged = deep_merge(deep_merge(tree, scales.get(other, {})), overrides or {})
-        merged["student_rules"] = student_rules(merged, [scales.get(other, {}), overrides or {}], at)
-        protocol = build(Protocol, {**merged, "scale": other}, at)
-        _check_methods(protocol, at)
+        try:
+            protocol = _built(tree, scales.get(other, {}), overrides or {}, other, at)
+        except ConfigError as error:
+            if not overrides:
+                raise
+            try:  # the file alone is valid: the error is --set's, so name it (not the file the user did not edit)
+                _built(tree, scales.get(other, {}), {}, other, at)
+            except ConfigError:
+                raise error from None
+            on = "" if other == scale else f" (on {where} [scales.{other}])"
+            raise ConfigError(f"--set{on}: {str(error).removeprefix(at).lstrip('.: ')}") from None
         chosen = chosen or protocol
     assert chosen is not None
     return chosen
+
+
+def _built(tree: dict[str, Any], scale_layer: dict[str, Any], overrides: dict[str, Any], scale: str,
+           where: str) -> Protocol:
+    """The protocol of ``tree`` with its scale's layer and ``--set`` on top, validated whole."""
+    merged = deep_merge(deep_merge(tree, scale_layer), overrides)
+    merged["student_rules"] = student_rules(merged, [scale_layer, overrides], where)
+    protocol = build(Protocol, {**merged, "scale": scale}, where)
+    _check_methods(protocol, where)
+    return protocol
+
 
 
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")

@@ -80,6 +80,8 @@ def test_bench_times_a_later_run_of_a_grid(tmp_path):
         run_bench(protocol, "srd", replace(opts, prior_runs=-1))
     with pytest.raises(OsslbenchError, match="--steps and --rounds must be >= 1"):
         run_bench(protocol, "srd", replace(opts, rounds=0))
+    with pytest.raises(OsslbenchError, match="--threads must be >= 0"):  # not torch's RuntimeError
+        run_bench(protocol, "srd", replace(opts, threads=-1))
 
 
 def test_cli_bench_json(tmp_path, capsys):

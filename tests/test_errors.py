@@ -139,6 +139,9 @@ def test_bad_protocol_file_is_one_line(capsys, tmp_path, monkeypatch, case):
         (["run", "--set", "method.kd.temperature=0"], 2, "method.kd: temperature = 0.0 must be > 0"),
         (["run", "--methods", "supervised", "--teacher", "missing.pth"], 2, "teacher checkpoint missing.pth does not exist"),
         (["run", "--set", "models.student=wrn-16-3"], 2, "student = 'wrn-16-3' is not a known model"),
+        (["run", "--jobs", "0"], 2, "--jobs 0: must be >= 1"),
+        (["run", "--threads", "-1"], 2, "--threads -1: must be >= 0"),
+        (["run", "--set", "train.epochs=ten"], 2, "--set: train.epochs: expected int, got 'ten'"),
         (["show", "digits-openset", "--set", "method.srd.betta=1"], 2, "method.srd: unknown key 'betta'"),
     ],
 )

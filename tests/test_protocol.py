@@ -73,8 +73,18 @@ def test_errors_name_file_and_key(tmp_path, text, overrides, fragment):
         load_protocol(path, None, parse_overrides(overrides))
     assert fragment in str(err.value)
     assert "\n" not in str(err.value)
-    if not overrides:
+    # the error names where the bad key was written: the file, or --set (not the file)
+    if overrides:
+        assert str(err.value).startswith("--set: ") and "p.toml" not in str(err.value)
+    else:
         assert "p.toml" in str(err.value)
+
+
+def test_an_error_in_the_file_is_the_files_even_with_a_valid_set(tmp_path):
+    path = write(tmp_path, BASE.replace("[split]", "[train]\nepohcs = 3\n[split]"))
+    with pytest.raises(ConfigError, match=r"p.toml.*unknown key 'epohcs'") as err:
+        load_protocol(path, None, parse_overrides(["train.epochs=2"]))
+    assert "--set" not in str(err.value)
 
 
 def test_unknown_protocol_and_scale():
