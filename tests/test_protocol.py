@@ -80,6 +80,14 @@ def test_errors_name_file_and_key(tmp_path, text, overrides, fragment):
         assert "p.toml" in str(err.value)
 
 
+def test_a_set_that_only_another_scale_rejects_names_that_scale(tmp_path):
+    text = BASE.replace("[split]", "[split]\nunlabelled = 100") + 'split = { unlabelled = "all" }\n'
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:  # full has a fixed pool, tiny does not
+        load_protocol(path, "full", parse_overrides(["split.mismatch=0.5"]))
+    assert str(err.value).startswith(f"--set (on {path} [scales.tiny]): split: a mismatch ratio strictly between")
+
+
 def test_an_error_in_the_file_is_the_files_even_with_a_valid_set(tmp_path):
     path = write(tmp_path, BASE.replace("[split]", "[train]\nepohcs = 3\n[split]"))
     with pytest.raises(ConfigError, match=r"p.toml.*unknown key 'epohcs'") as err:
