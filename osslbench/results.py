@@ -205,8 +205,9 @@ def markdown(table: pd.DataFrame) -> str:
     for m in METRICS:  # "mean ± std" over seeds; a single seed has no spread to show
         if m in shown.columns and f"{m}_std" in table.columns:
             pairs = zip(table[m], table[f"{m}_std"], strict=True)
-            shown[m] = [f"{a:.2f}" if pd.isna(b) else f"{a:.2f} ± {b:.2f}" for a, b in pairs]
-    return shown.to_markdown(index=False) + "\n"
+            shown[m] = [None if pd.isna(a) else f"{a:.2f}" if pd.isna(b) else f"{a:.2f} ± {b:.2f}" for a, b in pairs]
+    # a metric the method does not have (raw weights without an EMA, a teacher's top-1 without a teacher) reads "-"
+    return shown.astype(object).where(shown.notna(), None).to_markdown(index=False, missingval="-", floatfmt=".2f") + "\n"
 
 
 def write_leaderboard(out: Path, protocol: str, reference: str | None = None) -> pd.DataFrame:

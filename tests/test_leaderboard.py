@@ -122,3 +122,15 @@ def test_each_row_names_the_teacher_weights_its_runs_distilled(tmp_path):
     assert table.to_dict() == {"kd": "a" * 12, "srd": f"{'a' * 12},{'b' * 12}", "dkd": f"{'a' * 12},unrecorded",
                                "supervised": ""}
     assert "teacher_weights" not in markdown(leaderboard(collect(tmp_path)))  # the CSV's, like the config hashes
+
+
+def test_markdown_shows_a_metric_a_method_lacks_as_a_dash(tmp_path):
+    """No ``nan`` in the Markdown table: the student alone has no teacher's top-1, no run here has raw-weight top-1."""
+    write_run(tmp_path, "kd", 0, 50.0, teacher={"top1": 60.0, "sha256": "a" * 64})
+    write_run(tmp_path, "supervised", 0, 40.0)
+    text = markdown(leaderboard(collect(tmp_path)))
+    rows = {line.split("|")[3].strip(): [c.strip() for c in line.split("|")] for line in text.splitlines()[2:]}
+    header = [c.strip() for c in text.splitlines()[0].split("|")]
+    assert "nan" not in text
+    assert rows["supervised"][header.index("teacher_top1")] == "-" and rows["kd"][header.index("teacher_top1")] == "60.00"
+    assert rows["kd"][header.index("top1_last")] == "50.00"
