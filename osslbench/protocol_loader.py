@@ -185,7 +185,6 @@ def _built(tree: dict[str, Any], scale_layer: dict[str, Any], overrides: dict[st
     return protocol
 
 
-
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
 
 
